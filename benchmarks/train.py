@@ -43,7 +43,7 @@ def worker_jax(path: str, mode: str, steps: int, batch: int, seq: int, remat: st
   from configs import base
   from lora_jax import lora
   from lora_jax.optim import make_optimizer
-  from lora_jax.train import make_train_step, split_trainable
+  from lora_jax.train import make_train_step, own_buffers, split_trainable
 
   cfg = base.get_config()
   cfg.train.update(mode=mode, lr=LR, b1=B1, b2=B2, eps=EPS, weight_decay=WD, clip_norm=CLIP,
@@ -54,6 +54,7 @@ def worker_jax(path: str, mode: str, steps: int, batch: int, seq: int, remat: st
                                            targets=tuple(ALL_LINEAR)))
   graphdef, trainable, frozen = split_trainable(model, mode)
   del model
+  trainable = own_buffers(trainable)  # as lora_jax.train does
   tx, schedule = make_optimizer(cfg.train, steps + 1)
   opt_state = jax.jit(tx.init)(trainable)
   step = jax.jit(make_train_step(graphdef, tx, schedule, ConfigDict(cfg)), donate_argnums=(0, 1))

@@ -101,6 +101,18 @@ def split_trainable(model, mode: str):
   return nnx.split(model, nnx.LoRAParam if mode == "lora" else nnx.Param, ...)
 
 
+_identity_donated = jax.jit(lambda x: x, donate_argnums=0)
+
+
+def own_buffers(tree):
+  """The same arrays in buffers XLA allocated. On CPU, load_pretrained hands JAX the host buffers
+  it read the checkpoint into (zero-copy); XLA cannot reuse such a buffer for a donated output, so
+  the first train step would hold the trainable params twice. A donated identity copies each leaf
+  into an XLA buffer and frees the original, one leaf at a time (XLA-owned leaves pass through
+  without a copy)."""
+  return jax.tree.map(_identity_donated, tree)
+
+
 # ---- the step -----------------------------------------------------------------------------------
 def token_loss(model, batch, dropout_rng, loss_chunk: int = 0):
   """(sum of completion-token NLL, number of completion tokens). Token t is predicted from t-1;
@@ -254,6 +266,7 @@ def train(config, workdir: str) -> TrainResult:
   model_cfg = model.config
   graphdef, trainable, frozen = split_trainable(model, mode)
   del model
+  trainable = own_buffers(trainable)  # deletes the model's copies: `model` is gone by now
   opt_state = _replicate_unsharded(jax.jit(tx.init)(trainable), mesh)
   lcfg = lora_config(config) if mode == "lora" else None
   fingerprint = ckpt_lib.model_fingerprint(model_cfg, mode, lcfg)
@@ -295,7 +308,6 @@ def train(config, workdir: str) -> TrainResult:
 
   try:
     while step < total_steps:
-      epoch_before = it.epoch
       batch = next(it)
       stats = it.last_stats
       t0 = time.perf_counter()
@@ -313,7 +325,7 @@ def train(config, workdir: str) -> TrainResult:
         break
       seq = batch["input_ids"].shape[1]
       flops_tok = flops_per_token(model_cfg, seq, mode == "full")
-      metrics.update(epoch=epoch_before + (it.step / steps_per_epoch), step_seconds=dt,
+      metrics.update(epoch=it.epoch + (it.step / steps_per_epoch), step_seconds=dt,
                      tokens_per_second=stats["tokens"] / dt,
                      padded_tokens_per_second=stats["padded_tokens"] / dt)
       if peak:
