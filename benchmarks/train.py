@@ -34,7 +34,8 @@ def _batch(vocab: int, batch: int, seq: int):
   return ids
 
 
-def worker_jax(path: str, mode: str, steps: int, batch: int, seq: int, remat: str) -> dict:
+def worker_jax(path: str, mode: str, steps: int, batch: int, seq: int, remat: str,
+               loss_chunk: int = 0) -> dict:
   import jax
   import numpy as np
   from ml_collections import ConfigDict
@@ -47,7 +48,7 @@ def worker_jax(path: str, mode: str, steps: int, batch: int, seq: int, remat: st
 
   cfg = base.get_config()
   cfg.train.update(mode=mode, lr=LR, b1=B1, b2=B2, eps=EPS, weight_decay=WD, clip_norm=CLIP,
-                   schedule="constant", grad_accum=1)
+                   schedule="constant", grad_accum=1, loss_chunk=loss_chunk)
   model = lora_jax.load_pretrained(path, dtype="float32", remat=remat)
   if mode == "lora":
     lora.apply_lora(model, lora.LoRAConfig(rank=RANK, alpha=ALPHA, dropout=DROPOUT,
@@ -73,7 +74,9 @@ def worker_jax(path: str, mode: str, steps: int, batch: int, seq: int, remat: st
   return {"seconds": time.perf_counter() - t, "first_step_seconds": compile_s, "losses": losses}
 
 
-def worker_torch(path: str, mode: str, steps: int, batch: int, seq: int, remat: str) -> dict:
+def worker_torch(path: str, mode: str, steps: int, batch: int, seq: int, remat: str,
+                 loss_chunk: int = 0) -> dict:
+  del loss_chunk  # transformers computes all logits at once
   import torch
   import transformers
 
@@ -117,13 +120,15 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--seq", type=int, default=512)
   p.add_argument("--remat", default="none", help="none | full (both frameworks)")
+  p.add_argument("--loss_chunk", type=int, default=0,
+                 help="lora_jax only: logits this many tokens at a time (train.loss_chunk)")
   p.add_argument("--ckpt_dir", default=os.path.join(tempfile.gettempdir(),
                                                     "lora_jax_bench_qwen05b"))
   p.add_argument("--out", default="benchmarks/results/train.json")
   a = p.parse_args()
   if a.worker:
     fn = worker_jax if a.worker == "jax" else worker_torch
-    result = fn(a.ckpt_dir, a.mode, a.steps, a.batch, a.seq, a.remat)
+    result = fn(a.ckpt_dir, a.mode, a.steps, a.batch, a.seq, a.remat, a.loss_chunk)
     result["peak_rss"] = peak_rss_bytes()
     print(json.dumps(result))
     return
@@ -141,7 +146,7 @@ def main() -> None:
     for fw in ("torch", "jax"):
       r = run_worker(__file__, "--worker", fw, "--mode", mode, "--steps", str(a.steps),
                      "--batch", str(a.batch), "--seq", str(a.seq), "--remat", a.remat,
-                     "--ckpt_dir", a.ckpt_dir)
+                     "--loss_chunk", str(a.loss_chunk), "--ckpt_dir", a.ckpt_dir)
       r["tokens_per_second"] = tokens / r["seconds"]
       r["mfu"] = fpt * r["tokens_per_second"] / peak
       results[f"{mode}/{fw}"] = r
@@ -169,6 +174,7 @@ def main() -> None:
                     "peak_rss_vs_theirs": ours["peak_rss"] / theirs["peak_rss"]}
   print("ratios:", json.dumps(ratios, indent=1))
   write_json(a.out, {"peak_flops": peak, "batch": a.batch, "seq": a.seq, "steps": a.steps,
+                     "loss_chunk": a.loss_chunk,
                      "results": results, "ratios": ratios})
 
 

@@ -275,7 +275,9 @@ def grade(name: str, records: dict[str, dict], samples: list[dict], template: st
     for s in samples:
         record, text = records[str(s["task_id"])], s["completion"]
         if bench.kind == "math":
-            out.append({**s, **math_grader.grade_math(text, record["gold"], bench.integer_gold)})
+            extraction = "boxed" if template == "reference" else "math_verify"
+            out.append({**s, **math_grader.grade_math(text, record["gold"], bench.integer_gold,
+                                                      extraction)})
         elif bench.kind == "gpqa":
             out.append({**s, **gpqa.grade_gpqa(text, record, int(s.get("seed", 0)), template)})
         else:

@@ -4,7 +4,9 @@ The reference (lm-evaluation-harness fork of the paper) takes the last ``\\boxed
 response, compares it with the gold after Hendrycks' MATH ``strip_string`` and re-judges the
 mismatches with an LLM (Qwen2.5-32B-Instruct). We keep that order and add two rule-based checks
 before the LLM: Minerva's ``normalize_final_answer`` and math-verify's symbolic equivalence.
-Each grade records which rule matched, so the rule-only accuracy stays comparable.
+Each grade records which rule matched, so the rule-only accuracy stays comparable. With the
+lighteval template, answers are extracted as lighteval does (math-verify's LaTeX, then plain
+expression extraction), so an unboxed "The final answer is 12." counts too.
 """
 
 from __future__ import annotations
@@ -163,22 +165,36 @@ def _math_verify_run(gold: str, pred: str, timeout: int | None) -> bool:
     return bool(g and p and verify(g, p, timeout_seconds=timeout))
 
 
-def math_verify_equal(gold: str, pred: str, timeout: int = MATH_VERIFY_TIMEOUT_S) -> bool | None:
-    """math-verify equivalence of two answers; None when it ran out of time.
+def _bounded(fn, timeout: int, calls: int):
+    """fn(timeout) with math-verify's time bounds, or None when it ran out of time.
 
     math-verify bounds its own time with SIGALRM, which works only on the main thread. Elsewhere
     we switch its timeouts off and bound the wait ourselves; a sympy call that hangs is then left
-    running in a daemon thread (it cannot be interrupted) and the pair counts as a timeout.
+    running in a daemon thread (it cannot be interrupted) and the call counts as a timeout.
     """
     if threading.current_thread() is threading.main_thread():
-        return _math_verify_run(gold, pred, timeout)
-    box: list[bool] = []
-    worker = threading.Thread(
-        target=lambda: box.append(_math_verify_run(gold, pred, None)), daemon=True
-    )
+        return fn(timeout)
+    box: list = []
+    worker = threading.Thread(target=lambda: box.append(fn(None)), daemon=True)
     worker.start()
-    worker.join(3 * timeout)  # two parses and one verify
+    worker.join(calls * timeout)
     return box[0] if box else None
+
+
+def math_verify_equal(gold: str, pred: str, timeout: int = MATH_VERIFY_TIMEOUT_S) -> bool | None:
+    """math-verify equivalence of two answers; None when it ran out of time."""
+    return _bounded(lambda t: _math_verify_run(gold, pred, t), timeout, calls=3)
+
+
+def extract_math_verify(text: str, timeout: int = MATH_VERIFY_TIMEOUT_S) -> str | None:
+    """The answer as lighteval / open-r1 extract it: math-verify's LaTeX extraction (a \\boxed
+    answer first), else its plain-expression extraction (the last number or expression, e.g. "12"
+    in "The final answer is 12."). Returns the matched string, or None."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    config = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+    found = _bounded(lambda t: parse(text, config, parsing_timeout=t), timeout, calls=1)
+    return found[1] if found and len(found) > 1 else None
 
 
 # --- the grade ------------------------------------------------------------------------------------
@@ -207,9 +223,17 @@ def answers_match(pred: str | None, gold: str, integer_gold: bool = False) -> tu
     return verdict, "math_verify" if verdict else "mismatch"
 
 
-def grade_math(response: str, gold: str, integer_gold: bool = False) -> dict:
-    """Grade one response: the extracted answer, whether it is right, and the rule that said so."""
-    pred = extract_boxed(response)
+EXTRACTIONS = ("boxed", "math_verify")
+
+
+def grade_math(response: str, gold: str, integer_gold: bool = False,
+               extraction: str = "boxed") -> dict:
+    """Grade one response: the extracted answer, whether it is right, and the rule that said so.
+    extraction: "boxed" (the reference: the last \\boxed{}) or "math_verify" (lighteval/open-r1:
+    `extract_math_verify`, which also finds an unboxed final answer)."""
+    if extraction not in EXTRACTIONS:
+        raise ValueError(f"extraction={extraction!r}; expected one of {EXTRACTIONS}")
+    pred = extract_boxed(response) if extraction == "boxed" else extract_math_verify(response)
     correct, rule = answers_match(pred, str(gold), integer_gold)
     return {"extracted": pred, "correct": correct, "rule": rule}
 

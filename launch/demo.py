@@ -63,6 +63,9 @@ def main(argv):
 
   cfg = lambda out: runner.EvalConfig(
       benchmarks=tuple(BENCHMARKS), out_dir=out, seeds=(0,), temperature=0.0,
+      # SmolLM2 writes "The final answer is 12.", never \boxed{12}: the lighteval template's
+      # math-verify extraction finds such answers, the reference's boxed-only one would not.
+      template="lighteval",
       max_new_tokens=FLAGS.max_new_tokens,
       data_paths={k: os.path.join(DEMO_DATA, v) for k, v in BENCHMARKS.items()})
   evals_dir = os.path.join(workdir, "evals")

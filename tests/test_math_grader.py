@@ -132,3 +132,30 @@ def test_llm_recheck_hook():
     assert seen[0][0]["role"] == "system" and seen[0][1]["role"] == "user"
     assert "Correct Answer: \\frac12\nModel's Generated Answer: 0.50" in seen[0][1]["content"]
     assert mg.llm_recheck([], judge) == []
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("7 + 5 = 12\n\nThe final answer is 12.", "12"),  # unboxed: the last expression
+    ("maybe $\\frac{1}{2}$. Therefore, the final answer is: $\\boxed{\\frac{3}{4}}$. I hope it is "
+     "correct", "\\frac{3}{4}"),  # a boxed answer wins over earlier LaTeX
+    ("no answer here", None),
+])
+def test_lighteval_extraction(text, expected):
+    assert mg.extract_math_verify(text) == expected
+    with ThreadPoolExecutor(1) as pool:  # off the main thread too (no SIGALRM there)
+        assert pool.submit(mg.extract_math_verify, text).result() == expected
+
+
+def test_aime24_unboxed_answers_with_lighteval_extraction():
+    rows = _rows(AIME24)
+    for i, row in enumerate(rows[:10]):
+        gold, value = row["answer"], int(row["answer"])
+        for answer in (f"The final answer is {value}.", f"Final Answer: \\boxed{{{value:03d}}}"):
+            got = mg.grade_math(answer, gold, integer_gold=True, extraction="math_verify")
+            assert got["correct"], (gold, answer, got)
+        wrong = mg.grade_math(f"The final answer is {value + 1}.", gold, True, "math_verify")
+        assert not wrong["correct"]
+        # the reference's extraction finds no answer in the same unboxed text
+        assert mg.grade_math(f"The final answer is {value}.", gold, True)["rule"] == "no_answer"
+    with pytest.raises(ValueError, match="extraction"):
+        mg.grade_math("x", "1", extraction="last_number")
