@@ -74,9 +74,7 @@ def worker_jax(path: str, mode: str, steps: int, batch: int, seq: int, remat: st
   return {"seconds": time.perf_counter() - t, "first_step_seconds": compile_s, "losses": losses}
 
 
-def worker_torch(path: str, mode: str, steps: int, batch: int, seq: int, remat: str,
-                 loss_chunk: int = 0) -> dict:
-  del loss_chunk  # transformers computes all logits at once
+def worker_torch(path: str, mode: str, steps: int, batch: int, seq: int, remat: str) -> dict:
   import torch
   import transformers
 
@@ -127,8 +125,8 @@ def main() -> None:
   p.add_argument("--out", default="benchmarks/results/train.json")
   a = p.parse_args()
   if a.worker:
-    fn = worker_jax if a.worker == "jax" else worker_torch
-    result = fn(a.ckpt_dir, a.mode, a.steps, a.batch, a.seq, a.remat, a.loss_chunk)
+    args = (a.ckpt_dir, a.mode, a.steps, a.batch, a.seq, a.remat)
+    result = worker_jax(*args, a.loss_chunk) if a.worker == "jax" else worker_torch(*args)
     result["peak_rss"] = peak_rss_bytes()
     print(json.dumps(result))
     return

@@ -42,7 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 from evals import code_extract, code_harness
-from evals.code_harness import _Opaque, _decode, _encode
+from evals.code_harness import Opaque, decode, encode
 from evals.code_data import BENCHMARKS
 from evals.sandbox import Limits, RunResult, Sandbox
 
@@ -147,7 +147,7 @@ def _evalplus_plan(benchmark, p, truth, min_time_limit, factor, set_time_cap) ->
         limits = [max(min_time_limit, factor * t) for t in truth[f"{name}_time"]]
         budget = min(set_time_cap, sum(limits)) + 1.0
         inputs = [p[f"{name}_input"][k] for k in truth[f"{name}_keep"]]
-        sets.append({"inputs": _encode(inputs), "limits": limits, "budget": budget})
+        sets.append({"inputs": encode(inputs), "limits": limits, "budget": budget})
         wall += budget + 1.0
     job = {"mode": "sets", "entry_point": p["entry_point"], "sets": sets}
     return {"files": {"job.json": json.dumps(job)}, "sets": ("base", "plus"), "wall": wall,
@@ -177,7 +177,7 @@ def _ground_truth(benchmark, problems, sandbox, pool, cache_dir, progress) -> di
 
 def _gt_key(benchmark, p) -> str:
     blob = json.dumps([GT_VERSION, benchmark, p["prompt"], p["canonical_solution"],
-                       p["entry_point"], _encode(p["base_input"]), _encode(p["plus_input"])])
+                       p["entry_point"], encode(p["base_input"]), encode(p["plus_input"])])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -206,7 +206,7 @@ def _run_canonical(sandbox, benchmark, p) -> dict:
     EvalPlus gives its own run no time limit, here generous ones. Inputs whose output is too
     large to compare (over 4M items or 64 MB; one MBPP+ input has 128M) are dropped, and logged;
     ``<set>_keep`` lists the inputs kept."""
-    sets = [{"inputs": _encode(p[f"{name}_input"]), "limits": [60.0] * len(p[f"{name}_input"]),
+    sets = [{"inputs": encode(p[f"{name}_input"]), "limits": [60.0] * len(p[f"{name}_input"]),
              "budget": 1800.0} for name in ("base", "plus")]
     job = {"mode": "sets", "entry_point": p["entry_point"], "sets": sets}
     res = sandbox.run({"main.py": _HARNESS_MAIN, "job.json": json.dumps(job),
@@ -225,11 +225,11 @@ def _run_canonical(sandbox, benchmark, p) -> dict:
                             "compare: %s", benchmark, p["task_id"], len(outputs) - len(keep),
                             name, [i for i, o in enumerate(outputs) if o is None])
         outputs, times = [outputs[i] for i in keep], [times[i] for i in keep]
-        values = [_decode(json.loads(o)) for o in outputs]
+        values = [decode(json.loads(o)) for o in outputs]
         if p["entry_point"] in MBPP_NOT_NONE and benchmark == "mbpp_plus":
             # As EvalPlus: these outputs are not data (re.Match); only "not None" is checked.
             outputs = [json.dumps(v is not None).encode() for v in values]
-        elif any(isinstance(v, _Opaque) for v in values):
+        elif any(isinstance(v, Opaque) for v in values):
             return {"error": f"the canonical solution's {name} outputs are not plain data"}
         out.update({name: outputs, f"{name}_time": times, f"{name}_keep": keep})
     return out
@@ -335,15 +335,15 @@ def _judge_set(plan, records, broken, s, name, res) -> tuple[str, str]:
         if fast and out == expected[i] and b"NaN" not in out:
             continue
         try:
-            value = _decode(json.loads(out))
+            value = decode(json.loads(out))
         except Exception:  # noqa: BLE001 - whatever the program wrote, it is not an answer
             return "fail", f"{where}: malformed output"
         while not floats_seen and scanned < i:
-            floats_seen = _is_floats(_decode(json.loads(expected[scanned])))
+            floats_seen = _is_floats(decode(json.loads(expected[scanned])))
             scanned += 1
         atol = 1e-6 if p["atol"] == 0 and floats_seen else p["atol"]
         if not _compare(benchmark, entry_point, p[f"{name}_input"][keep[i]], value,
-                        _decode(json.loads(expected[i])), atol):
+                        decode(json.loads(expected[i])), atol):
             return "fail", f"{where}: wrong output"
     return status, reason
 

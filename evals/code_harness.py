@@ -1,14 +1,16 @@
 """The code-grading harness: the code that runs inside the sandbox, one program per run.
 
 The sandbox's fork server loads this file once as a module (its text is the fork server's
-"prelude"), so each run only forks; a run's main.py calls `_child_main`. Hence the rules: stdlib
-only, imports inside the functions, nothing at module level but definitions. The grader
-(`code_grader`) imports the encoding helpers from here, so both sides share one encoding.
+"prelude"), so each run only forks; a run's main.py calls `_child_main`. Hence: stdlib only
+(programs get the fork server's modules, nothing else), and nothing runs at import but
+definitions. The grader (`code_grader`) imports `encode` / `decode` / `Opaque` from here, so both
+sides share one encoding.
 """
 
 from __future__ import annotations
 
-class _Opaque:
+
+class Opaque:
     """A value the program returned that is not plain data: equal to nothing, not even itself,
     and with no truth value."""
 
@@ -28,7 +30,7 @@ class _Opaque:
         return f"<{self.type_name} object>"
 
 
-def _encode(x, depth=0, room=None):
+def encode(x, depth=0, room=None):
     """Plain data -> JSON-able tagged form. Exact built-in types are read directly, subclasses
     through the built-in type's own methods (the program's methods never run), numpy scalars as
     the Python numbers they hold; anything else -> an opaque marker. ``room``: [items left],
@@ -45,14 +47,14 @@ def _encode(x, depth=0, room=None):
         if room[0] < 0:
             raise OverflowError("output too large")
     if t is list:
-        return [_encode(v, depth + 1, room) for v in x]
+        return [encode(v, depth + 1, room) for v in x]
     if t is tuple:
-        return {"t": [_encode(v, depth + 1, room) for v in x]}
+        return {"t": [encode(v, depth + 1, room) for v in x]}
     if t is dict:
-        return {"d": [[_encode(k, depth + 1, room), _encode(v, depth + 1, room)]
+        return {"d": [[encode(k, depth + 1, room), encode(v, depth + 1, room)]
                       for k, v in x.items()]}
     if t is set or t is frozenset:
-        return {"s" if t is set else "f": [_encode(v, depth + 1, room) for v in x]}
+        return {"s" if t is set else "f": [encode(v, depth + 1, room) for v in x]}
     if t is complex:
         return {"c": [x.real, x.imag]}
     if t is bytes:
@@ -65,10 +67,10 @@ def _encode(x, depth=0, room=None):
                (frozenset, lambda v: frozenset(frozenset.__iter__(v))))
     for base, read in readers:
         if issubclass(t, base):  # the real type: __class__ can lie, type() cannot
-            return _encode(read(x), depth + 1, room)
+            return encode(read(x), depth + 1, room)
     name = type.__dict__["__name__"].__get__(t)
     if type.__dict__["__module__"].__get__(t) == "numpy" and name != "ndarray":
-        return _encode(x.item(), depth + 1, room)
+        return encode(x.item(), depth + 1, room)
     return {"o": name}
 
 
@@ -78,7 +80,7 @@ def _output_json(out):
     import json
 
     try:
-        text = json.dumps(_encode(out, 0, [4_000_000]))
+        text = json.dumps(encode(out, 0, [4_000_000]))
     except (OverflowError, MemoryError):
         return None
     except BaseException as e:  # noqa: BLE001 - the program's object broke the encoder
@@ -86,26 +88,26 @@ def _output_json(out):
     return text if len(text) <= 64 << 20 else None
 
 
-def _decode(v):
-    """The inverse of _encode; raises ValueError/TypeError on anything it did not make."""
+def decode(v):
+    """The inverse of encode; raises ValueError/TypeError on anything it did not make."""
     t = type(v)
     if v is None or t is bool or t is int or t is float or t is str:
         return v
     if t is list:
-        return [_decode(e) for e in v]
+        return [decode(e) for e in v]
     if t is not dict or len(v) != 1:
         raise ValueError("malformed value")
     (tag, val), = v.items()
     if tag in ("t", "s", "f", "d", "c") and type(val) is not list:
         raise ValueError("malformed value")
     if tag == "t":
-        return tuple(_decode(e) for e in val)
+        return tuple(decode(e) for e in val)
     if tag == "s":
-        return {_decode(e) for e in val}
+        return {decode(e) for e in val}
     if tag == "f":
-        return frozenset(_decode(e) for e in val)
+        return frozenset(decode(e) for e in val)
     if tag == "d":
-        return {_decode(k): _decode(e) for k, e in val}
+        return {decode(k): decode(e) for k, e in val}
     if tag == "c":
         return complex(float(val[0]), float(val[1]))
     if tag == "b":
@@ -113,7 +115,7 @@ def _decode(v):
     if tag == "i":
         return int(val, 16)
     if tag == "o":
-        return _Opaque(str(val))
+        return Opaque(str(val))
     raise ValueError("malformed value")
 
 
@@ -186,7 +188,7 @@ def _run_sets(job, emit):
         return
     signal.signal(signal.SIGALRM, on_alarm)
     for s, tests in enumerate(job["sets"]):
-        inputs, start = _decode(tests["inputs"]), time.perf_counter()
+        inputs, start = decode(tests["inputs"]), time.perf_counter()
         for i, (args, limit) in enumerate(zip(inputs, tests["limits"])):
             left = tests["budget"] - (time.perf_counter() - start)
             if left <= 0:
@@ -229,12 +231,12 @@ def _serve_calls(job, requests, replies):
             _send_msg(replies, {"err": f"the program does not load: {failure}"})
             continue
         try:
-            out = fn(*_decode(msg["args"]))
+            out = fn(*decode(msg["args"]))
         except BaseException as e:  # noqa: BLE001
             _send_msg(replies, {"err": _describe(e)})
             continue
         try:
-            value = _encode(out)
+            value = encode(out)
         except BaseException as e:  # noqa: BLE001
             value = {"o": f"unreadable ({_describe(e)})"}
         _send_msg(replies, {"out": value})
@@ -265,7 +267,7 @@ def _run_check(job, emit):
 
     def candidate(*args):
         try:
-            _send_msg(req_w, {"args": _encode(list(args))})
+            _send_msg(req_w, {"args": encode(list(args))})
         except BrokenPipeError:
             raise CandidateError("the program's process ended") from None
         reply = _recv_msg(rep_r)
@@ -273,7 +275,7 @@ def _run_check(job, emit):
             raise CandidateError("the program's process ended")
         if "err" in reply:
             raise CandidateError(reply["err"])
-        return _decode(reply["out"])
+        return decode(reply["out"])
 
     try:
         ns = {"__name__": "check"}
