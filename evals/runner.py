@@ -1,16 +1,16 @@
 """Evaluation runner: generate (resumable), grade, score; and grade-only for answers from anywhere.
 
-Layout of one model's results under ``out_dir/<label>/``::
+Layout of one model's results under `out_dir/<label>/`::
 
     generations/<benchmark>.jsonl       one line per answer, appended as each answer finishes
     generations/<benchmark>.meta.json   template, sampling and model the answers were made with
     graded/<benchmark>.jsonl            the answers with their grades
     scores.json                         per-benchmark scores with 95% confidence intervals
 
-Generation takes a ``generate_fn`` (dependency injection): the real one runs the lora_jax
-sampler, tests pass a fake. Its contract: ``generate_fn(prompts, *, seed, sampling, chat_template,
-on_result)`` calls ``on_result(r)`` once per finished answer, ``r`` having ``.index`` (position in
-``prompts``), ``.sample``, ``.text``, ``.finish_reason``, ``.token_ids``, ``.num_prompt_tokens``.
+Generation takes a `generate_fn` (dependency injection): the real one runs the lora_jax
+sampler, tests pass a fake. Its contract: `generate_fn(prompts, *, seed, sampling, chat_template,
+on_result)` calls `on_result(r)` once per finished answer, `r` having `.index` (position in
+`prompts`), `.sample`, `.text`, `.finish_reason`, `.token_ids`, `.num_prompt_tokens`.
 """
 
 from __future__ import annotations
@@ -28,426 +28,503 @@ from tqdm import tqdm
 from evals import benchmarks, metrics
 from evals.benchmarks import Sampling
 
+log = logging.getLogger(__name__)
+
 SAFETY_KINDS = ("safety", "over_refusal")
 
 
 @dataclass
 class EvalConfig:
-    benchmarks: tuple[str, ...]
-    out_dir: str
-    seeds: tuple[int, ...] | None = None  # reasoning benchmarks; None: the benchmark's default
-    safety_seeds: tuple[int, ...] | None = None  # safety benchmarks; None: (0,) as the reference
-    template: str = "reference"
-    data_paths: dict[str, str] = field(default_factory=dict)
-    data_dir: str | None = None
-    limit: int | None = None  # only the first N problems (smoke runs); logged
-    max_new_tokens: int | None = None  # overrides of every benchmark's sampling defaults
-    temperature: float | None = None
-    top_p: float | None = None
-    code_workers: int = 2
+  benchmarks: tuple[str, ...]
+  out_dir: str
+  seeds: tuple[int, ...] | None = None  # reasoning benchmarks; None: the benchmark's default
+  safety_seeds: tuple[int, ...] | None = None  # safety benchmarks; None: (0,) as the reference
+  template: str = "reference"
+  data_paths: dict[str, str] = field(default_factory=dict)
+  data_dir: str | None = None
+  limit: int | None = None  # only the first N problems (smoke runs); logged
+  max_new_tokens: int | None = None  # overrides of every benchmark's sampling defaults
+  temperature: float | None = None
+  top_p: float | None = None
+  code_workers: int = 2
 
 
 @dataclass
 class Judges:
-    llama_guard: Callable | None = None  # rendered prompts -> texts; None: keyword judge
-    math: Callable | None = None  # chat conversations -> texts; None: no LLM re-check
+  llama_guard: Callable | None = None  # rendered prompts -> texts; None: keyword judge
+  math: Callable | None = None  # chat conversations -> texts; None: no LLM re-check
 
 
 # --- small file helpers ---------------------------------------------------------------------------
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """Lines of a JSONL file; a line cut short by a crash is skipped and logged."""
-    if not os.path.exists(path):
-        return []
-    rows, bad = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    bad += 1
-    if bad:
-        logging.warning("%s: skipped %d unreadable line(s)", path, bad)
-    return rows
+  """Lines of a JSONL file; a line cut short by a crash is skipped and logged."""
+  if not os.path.exists(path):
+    return []
+  rows, bad = [], 0
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      if line.strip():
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError:
+          bad += 1
+  if bad:
+    log.warning("%s: skipped %d unreadable line(s)", path, bad)
+  return rows
 
 
 def _write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)  # atomic: a crash never leaves half a scores file
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, ensure_ascii=False)
+  os.replace(tmp, path)  # atomic: a crash never leaves half a scores file
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+  os.replace(path + ".tmp", path)
 
 
 class _Appender:
-    """Appends JSON lines, flushed one by one, after mending a last line cut by a crash."""
+  """Appends JSON lines, flushed one by one, after mending a last line cut by a crash."""
 
-    def __init__(self, path: str):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.f = open(path, "a+", encoding="utf-8")
-        if self.f.tell():
-            self.f.seek(self.f.tell() - 1)
-            if self.f.read(1) != "\n":
-                self.f.write("\n")
+  def __init__(self, path: str):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    self.f = open(path, "a+", encoding="utf-8")
+    if self.f.tell():
+      self.f.seek(self.f.tell() - 1)
+      if self.f.read(1) != "\n":
+        self.f.write("\n")
 
-    def __call__(self, row: dict) -> None:
-        self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self.f.flush()
+  def __call__(self, row: dict) -> None:
+    self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    self.f.flush()
 
-    def close(self) -> None:
-        self.f.close()
+  def close(self) -> None:
+    self.f.close()
 
 
 # --- configuration per benchmark ------------------------------------------------------------------
 
 
 def sampling(cfg: EvalConfig, name: str) -> Sampling:
-    overrides = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                 "top_p": cfg.top_p}
-    s = benchmarks.sampling_for(name, cfg.template)
-    return replace(s, **{k: v for k, v in overrides.items() if v is not None})
+  overrides = {
+    "max_new_tokens": cfg.max_new_tokens,
+    "temperature": cfg.temperature,
+    "top_p": cfg.top_p,
+  }
+  s = benchmarks.sampling_for(name, cfg.template)
+  return replace(s, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def seeds(cfg: EvalConfig, name: str) -> tuple[int, ...]:
-    bench = benchmarks.get(name)
-    chosen = cfg.safety_seeds if bench.kind in SAFETY_KINDS else cfg.seeds
-    return tuple(chosen) if chosen is not None else bench.seeds
+  bench = benchmarks.get(name)
+  chosen = cfg.safety_seeds if bench.kind in SAFETY_KINDS else cfg.seeds
+  return tuple(chosen) if chosen is not None else bench.seeds
 
 
 def load_records(cfg: EvalConfig, name: str) -> dict[str, dict]:
-    path = benchmarks.resolve_path(name, cfg.data_paths, cfg.data_dir)
-    records = benchmarks.load(name, path)
-    if cfg.limit and cfg.limit < len(records):
-        logging.info("%s: using the first %d of %d problems (--limit)", name, cfg.limit,
-                     len(records))
-        records = dict(list(records.items())[: cfg.limit])
-    return records
+  path = benchmarks.resolve_path(name, cfg.data_paths, cfg.data_dir)
+  records = benchmarks.load(name, path)
+  if cfg.limit and cfg.limit < len(records):
+    log.info("%s: using the first %d of %d problems (--limit)", name, cfg.limit, len(records))
+    records = dict(list(records.items())[: cfg.limit])
+  return records
 
 
 # --- generation -----------------------------------------------------------------------------------
 
 
 def _check_meta(path: str, meta: dict) -> None:
-    """Refuse to mix answers made with another template, sampling or model into one file."""
-    meta = json.loads(json.dumps(meta))  # compare as stored (tuples become lists)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
-        for key in meta:
-            if old.get(key) != meta[key]:
-                raise ValueError(f"{path}: existing answers were made with {key}={old.get(key)!r}, "
-                                 f"not {meta[key]!r}; use another --out or delete that directory")
-    else:
-        _write_json(path, meta)
+  """Refuse to mix answers made with another template, sampling or model into one file."""
+  meta = json.loads(json.dumps(meta))  # compare as stored (tuples become lists)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      old = json.load(f)
+    for key in meta:
+      if old.get(key) != meta[key]:
+        raise ValueError(
+          f"{path}: existing answers were made with {key}={old.get(key)!r}, "
+          f"not {meta[key]!r}; use another --out or delete that directory"
+        )
+  else:
+    _write_json(path, meta)
 
 
 def _generate_seed(name, seed, todo, prompts, s, path, generate_fn) -> None:
-    append, bar = _Appender(path), tqdm(total=len(todo) * s.n, desc=f"{name} seed {seed}")
+  append, bar = _Appender(path), tqdm(total=len(todo) * s.n, desc=f"{name} seed {seed}")
 
-    def on_result(r):
-        append({"task_id": todo[r.index], "seed": seed, "sample": int(r.sample),
-                "prompt": prompts[r.index][0]["content"], "completion": r.text,
-                "finish_reason": r.finish_reason, "num_prompt_tokens": r.num_prompt_tokens,
-                "num_tokens": len(r.token_ids)})
-        bar.update(1)
+  def on_result(r):
+    append(
+      {
+        "task_id": todo[r.index],
+        "seed": seed,
+        "sample": int(r.sample),
+        "prompt": prompts[r.index][0]["content"],
+        "completion": r.text,
+        "finish_reason": r.finish_reason,
+        "num_prompt_tokens": r.num_prompt_tokens,
+        "num_tokens": len(r.token_ids),
+      }
+    )
+    bar.update(1)
 
-    try:
-        generate_fn(prompts, seed=seed, sampling=s, chat_template=True, on_result=on_result)
-    finally:
-        append.close()
-        bar.close()
+  try:
+    generate_fn(prompts, seed=seed, sampling=s, chat_template=True, on_result=on_result)
+  finally:
+    append.close()
+    bar.close()
 
 
-def generate(cfg: EvalConfig, label: str, name: str, records: dict[str, dict], generate_fn,
-             model_info: dict) -> str:
-    """Generate the missing (task, seed) answers of one benchmark; returns the JSONL path."""
-    s = sampling(cfg, name)
-    base = os.path.join(cfg.out_dir, label, "generations", name)
-    _check_meta(base + ".meta.json",
-                {"template": cfg.template, "sampling": asdict(s), "model": model_info})
-    done = Counter((str(r["task_id"]), int(r["seed"])) for r in read_jsonl(base + ".jsonl"))
-    for seed in seeds(cfg, name):
-        todo = [t for t in records if done[(t, seed)] < s.n]
-        if not todo:
-            continue
-        logging.info("%s/%s seed %d: %d of %d answers to generate", label, name, seed, len(todo),
-                     len(records))
-        prompts = [[{"role": "user",
-                     "content": benchmarks.build_prompt(name, records[t], seed, cfg.template)}]
-                   for t in todo]
-        _generate_seed(name, seed, todo, prompts, s, base + ".jsonl", generate_fn)
-    return base + ".jsonl"
+def generate(
+  cfg: EvalConfig, label: str, name: str, records: dict[str, dict], generate_fn, model_info: dict
+) -> str:
+  """Generate the missing (task, seed) answers of one benchmark; returns the JSONL path."""
+  s = sampling(cfg, name)
+  base = os.path.join(cfg.out_dir, label, "generations", name)
+  _check_meta(
+    base + ".meta.json", {"template": cfg.template, "sampling": asdict(s), "model": model_info}
+  )
+  done = Counter((str(r["task_id"]), int(r["seed"])) for r in read_jsonl(base + ".jsonl"))
+  for seed in seeds(cfg, name):
+    todo = [t for t in records if done[(t, seed)] < s.n]
+    if not todo:
+      continue
+    log.info(
+      "%s/%s seed %d: %d of %d answers to generate", label, name, seed, len(todo), len(records)
+    )
+    prompts = [
+      [{"role": "user", "content": benchmarks.build_prompt(name, records[t], seed, cfg.template)}]
+      for t in todo
+    ]
+    _generate_seed(name, seed, todo, prompts, s, base + ".jsonl", generate_fn)
+  return base + ".jsonl"
 
 
 def _samples(path: str, records: dict[str, dict], wanted_seeds) -> list[dict]:
-    """The answers to grade: one per (task, seed, sample), for the current tasks and seeds."""
-    seen, out = set(), []
-    for r in read_jsonl(path):
-        key = (str(r["task_id"]), int(r["seed"]), int(r.get("sample", 0)))
-        if key[0] in records and key[1] in wanted_seeds and key not in seen:
-            seen.add(key)
-            out.append({**r, "task_id": key[0]})
-    return out
+  """The answers to grade: one per (task, seed, sample), for the current tasks and seeds."""
+  seen, out = set(), []
+  for r in read_jsonl(path):
+    key = (str(r["task_id"]), int(r["seed"]), int(r.get("sample", 0)))
+    if key[0] in records and key[1] in wanted_seeds and key not in seen:
+      seen.add(key)
+      out.append({**r, "task_id": key[0]})
+  return out
 
 
 # --- grading and scores ---------------------------------------------------------------------------
 
 
 def score(name: str, graded: list[dict]) -> dict:
-    kind = benchmarks.get(name).kind
-    if kind == "safety":
-        result = metrics.score_safety(graded)
-    elif kind == "over_refusal":
-        result = metrics.score_over_refusal(graded)
-    else:
-        result = metrics.score_correctness(graded)
-        if any("llm_correct" in g for g in graded):
-            result["pass@1_llm"] = metrics.score_correctness(graded, "llm_correct")["pass@1"]
-            result["n_llm_unparsable"] = sum(g.get("llm_correct", False) is None for g in graded)
-    return {"kind": kind, **result}
+  kind = benchmarks.get(name).kind
+  if kind == "safety":
+    result = metrics.score_safety(graded)
+  elif kind == "over_refusal":
+    result = metrics.score_over_refusal(graded)
+  else:
+    result = metrics.score_correctness(graded)
+    if any("llm_correct" in g for g in graded):
+      result["pass@1_llm"] = metrics.score_correctness(graded, "llm_correct")["pass@1"]
+      result["n_llm_unparsable"] = sum(g.get("llm_correct", False) is None for g in graded)
+  return {"kind": kind, **result}
 
 
-def grade_and_score(name: str, records: dict[str, dict], samples: list[dict], template: str,
-                    judges: Judges, code_workers: int = 2) -> tuple[list[dict], dict]:
-    graded = benchmarks.grade(name, records, samples, template, llama_guard_fn=judges.llama_guard,
-                              math_judge_fn=judges.math, code_workers=code_workers)
-    return graded, score(name, graded)
+def grade_and_score(
+  name: str,
+  records: dict[str, dict],
+  samples: list[dict],
+  template: str,
+  judges: Judges,
+  code_workers: int = 2,
+) -> tuple[list[dict], dict]:
+  graded = benchmarks.grade(
+    name,
+    records,
+    samples,
+    template,
+    llama_guard_fn=judges.llama_guard,
+    math_judge_fn=judges.math,
+    code_workers=code_workers,
+  )
+  return graded, score(name, graded)
 
 
 def _step_of(label: str) -> int | None:
-    m = re.search(r"step[_-]?(\d+)$", label)
-    return int(m.group(1)) if m else None
+  m = re.search(r"step[_-]?(\d+)$", label)
+  return int(m.group(1)) if m else None
 
 
 def grade_all(cfg: EvalConfig, label: str, judges: Judges, model_info: dict) -> dict:
-    """Grade every benchmark's answers of one model and write graded JSONL and scores.json."""
-    scores_path = os.path.join(cfg.out_dir, label, "scores.json")
-    scores = {"label": label, "step": _step_of(label), **model_info, "template": cfg.template,
-              "benchmarks": {}}
-    if os.path.exists(scores_path):  # keep benchmarks scored by earlier runs
-        with open(scores_path, encoding="utf-8") as f:
-            scores["benchmarks"] = json.load(f).get("benchmarks", {})
-    for name in cfg.benchmarks:
-        records = load_records(cfg, name)
-        gen_path = os.path.join(cfg.out_dir, label, "generations", name + ".jsonl")
-        samples = _samples(gen_path, records, set(seeds(cfg, name)))
-        if not samples:
-            logging.warning("%s/%s: no answers to grade in %s", label, name, gen_path)
-            continue
-        graded, result = grade_and_score(name, records, samples, cfg.template, judges,
-                                         cfg.code_workers)
-        _write_jsonl(os.path.join(cfg.out_dir, label, "graded", name + ".jsonl"), graded)
-        scores["benchmarks"][name] = result
-        logging.info("%s/%s: %s = %s", label, name, result["primary"], result[result["primary"]])
-    _write_json(scores_path, scores)
-    return scores
+  """Grade every benchmark's answers of one model and write graded JSONL and scores.json."""
+  scores_path = os.path.join(cfg.out_dir, label, "scores.json")
+  scores = {
+    "label": label,
+    "step": _step_of(label),
+    **model_info,
+    "template": cfg.template,
+    "benchmarks": {},
+  }
+  if os.path.exists(scores_path):  # keep benchmarks scored by earlier runs
+    with open(scores_path, encoding="utf-8") as f:
+      scores["benchmarks"] = json.load(f).get("benchmarks", {})
+  for name in cfg.benchmarks:
+    records = load_records(cfg, name)
+    gen_path = os.path.join(cfg.out_dir, label, "generations", name + ".jsonl")
+    samples = _samples(gen_path, records, set(seeds(cfg, name)))
+    if not samples:
+      log.warning("%s/%s: no answers to grade in %s", label, name, gen_path)
+      continue
+    graded, result = grade_and_score(name, records, samples, cfg.template, judges, cfg.code_workers)
+    _write_jsonl(os.path.join(cfg.out_dir, label, "graded", name + ".jsonl"), graded)
+    scores["benchmarks"][name] = result
+    log.info("%s/%s: %s = %s", label, name, result["primary"], result[result["primary"]])
+  _write_json(scores_path, scores)
+  return scores
 
 
 def generate_all(cfg: EvalConfig, label: str, generate_fn, model_info: dict) -> None:
-    for name in cfg.benchmarks:
-        generate(cfg, label, name, load_records(cfg, name), generate_fn, model_info)
+  for name in cfg.benchmarks:
+    generate(cfg, label, name, load_records(cfg, name), generate_fn, model_info)
 
 
-def evaluate(cfg: EvalConfig, label: str, generate_fn, judges: Judges,
-             model_info: dict | None = None) -> dict:
-    """Generate what is missing, then grade and score everything: one model, all benchmarks."""
-    model_info = model_info or {}
-    generate_all(cfg, label, generate_fn, model_info)
-    return grade_all(cfg, label, judges, model_info)
+def evaluate(
+  cfg: EvalConfig, label: str, generate_fn, judges: Judges, model_info: dict | None = None
+) -> dict:
+  """Generate what is missing, then grade and score everything: one model, all benchmarks."""
+  model_info = model_info or {}
+  generate_all(cfg, label, generate_fn, model_info)
+  return grade_all(cfg, label, judges, model_info)
 
 
 # --- flags to models, seeds and data files --------------------------------------------------------
 
 
 def parse_seeds(text: str, flag: str) -> tuple[int, ...]:
-    m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
-    if m and int(m.group(1)) <= int(m.group(2)):
-        return tuple(range(int(m.group(1)), int(m.group(2)) + 1))
-    if re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", text):
-        return tuple(dict.fromkeys(int(s) for s in text.split(",")))
-    raise ValueError(f"--{flag}={text!r}: expected a range like 0-7 or a list like 0,1,2")
+  m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
+  if m and int(m.group(1)) <= int(m.group(2)):
+    return tuple(range(int(m.group(1)), int(m.group(2)) + 1))
+  if re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", text):
+    return tuple(dict.fromkeys(int(s) for s in text.split(",")))
+  raise ValueError(f"--{flag}={text!r}: expected a range like 0-7 or a list like 0,1,2")
 
 
 def parse_data(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not path:
-            raise ValueError(f"--data={item!r}: expected name=path")
-        benchmarks.get(name)
-        out[name] = path
-    return out
+  out = {}
+  for item in items:
+    name, sep, path = item.partition("=")
+    if not sep or not path:
+      raise ValueError(f"--data={item!r}: expected name=path")
+    benchmarks.get(name)
+    out[name] = path
+  return out
 
 
 def resolve_models(args) -> list[tuple[str, str, str | None]]:
-    """(label, model source, adapter dir or None) of every model to evaluate.
+  """(label, model source, adapter dir or None) of every model to evaluate.
 
-    ``--workdir`` lists ``workdir/exports/step_N``: a directory with ``adapter_config.json`` is a
-    PEFT adapter on ``--model``, one with ``config.json`` a merged model evaluated on its own.
-    """
-    if not args.model and not args.workdir:
-        raise ValueError("--model is required (a hub id, HF directory or GGUF file)")
-    if args.adapter and args.workdir:
-        raise ValueError("give --adapter or --workdir, not both")
-    if args.include_base and not args.model:
-        raise ValueError("--include_base needs --model (the base model)")
-    if not args.workdir:
-        label = args.label or (os.path.basename(os.path.normpath(args.adapter))
-                               if args.adapter else "base")
-        return [(label, args.model, args.adapter)]
-    exports = os.path.join(args.workdir, "exports")
-    found = {}
-    if os.path.isdir(exports):
-        for entry in os.listdir(exports):
-            if m := re.fullmatch(r"step_(\d+)", entry):
-                found[int(m.group(1))] = os.path.join(exports, entry)
-    if not found:
-        raise ValueError(f"--workdir={args.workdir}: no exports/step_N checkpoints in it")
-    if args.steps == "all":
-        steps = sorted(found)
-    elif args.steps == "last":
-        steps = [max(found)]
+  `--workdir` lists `workdir/exports/step_N`: a directory with `adapter_config.json` is a
+  PEFT adapter on `--model`, one with `config.json` a merged model evaluated on its own.
+  """
+  if not args.model and not args.workdir:
+    raise ValueError("--model is required (a hub id, HF directory or GGUF file)")
+  if args.adapter and args.workdir:
+    raise ValueError("give --adapter or --workdir, not both")
+  if args.include_base and not args.model:
+    raise ValueError("--include_base needs --model (the base model)")
+  if not args.workdir:
+    label = args.label or (
+      os.path.basename(os.path.normpath(args.adapter)) if args.adapter else "base"
+    )
+    return [(label, args.model, args.adapter)]
+  exports = os.path.join(args.workdir, "exports")
+  found = {}
+  if os.path.isdir(exports):
+    for entry in os.listdir(exports):
+      if m := re.fullmatch(r"step_(\d+)", entry):
+        found[int(m.group(1))] = os.path.join(exports, entry)
+  if not found:
+    raise ValueError(f"--workdir={args.workdir}: no exports/step_N checkpoints in it")
+  if args.steps == "all":
+    steps = sorted(found)
+  elif args.steps == "last":
+    steps = [max(found)]
+  else:
+    steps = list(parse_seeds(args.steps, "steps"))
+    if missing := [s for s in steps if s not in found]:
+      raise ValueError(f"--steps: no export for step(s) {missing}; have {sorted(found)}")
+  models = [("base", args.model, None)] if args.include_base else []
+  for step in steps:
+    path = found[step]
+    if os.path.exists(os.path.join(path, "adapter_config.json")):
+      if not args.model:
+        raise ValueError(f"{path} is a LoRA adapter: --model (its base) is required")
+      models.append((f"step_{step}", args.model, path))
+    elif os.path.exists(os.path.join(path, "config.json")):
+      models.append((f"step_{step}", path, None))
     else:
-        steps = list(parse_seeds(args.steps, "steps"))
-        if missing := [s for s in steps if s not in found]:
-            raise ValueError(f"--steps: no export for step(s) {missing}; have {sorted(found)}")
-    models = [("base", args.model, None)] if args.include_base else []
-    for step in steps:
-        path = found[step]
-        if os.path.exists(os.path.join(path, "adapter_config.json")):
-            if not args.model:
-                raise ValueError(f"{path} is a LoRA adapter: --model (its base) is required")
-            models.append((f"step_{step}", args.model, path))
-        elif os.path.exists(os.path.join(path, "config.json")):
-            models.append((f"step_{step}", path, None))
-        else:
-            raise ValueError(f"{path}: neither adapter_config.json nor config.json in it")
-    return models
+      raise ValueError(f"{path}: neither adapter_config.json nor config.json in it")
+  return models
 
 
 # --- the lora_jax sampler as generate_fn and as judges --------------------------------------------
 
 
 def model_generate_fn(model, tokenizer, max_batch: int = 8):
-    """A ``generate_fn`` over the lora_jax sampler for a model already in memory."""
+  """A `generate_fn` over the lora_jax sampler for a model already in memory."""
 
-    def generate_fn(prompts, *, seed, sampling, chat_template, on_result):
-        from lora_jax.sampling import generate_text
+  def generate_fn(prompts, *, seed, sampling, chat_template, on_result):
+    from lora_jax.sampling import generate_text
 
-        generate_text(model, tokenizer, prompts, max_new_tokens=sampling.max_new_tokens,
-                      temperature=sampling.temperature, top_p=sampling.top_p, top_k=0, min_p=0.0,
-                      seed=seed, n=sampling.n, stop=sampling.stop, stop_token_ids=(),
-                      chat_template=chat_template, max_batch=max_batch, on_result=on_result)
+    generate_text(
+      model,
+      tokenizer,
+      prompts,
+      max_new_tokens=sampling.max_new_tokens,
+      temperature=sampling.temperature,
+      top_p=sampling.top_p,
+      top_k=0,
+      min_p=0.0,
+      seed=seed,
+      n=sampling.n,
+      stop=sampling.stop,
+      stop_token_ids=(),
+      chat_template=chat_template,
+      max_batch=max_batch,
+      on_result=on_result,
+    )
 
-    return generate_fn
+  return generate_fn
 
 
-def sampler_generate_fn(source: str, adapter: str | None = None, dtype: str = "float32",
-                        max_batch: int = 8):
-    """A ``generate_fn`` over the lora_jax sampler. The model loads on the first call (so a rerun
-    with nothing left to generate loads nothing) and is freed with the function."""
-    state = {}
+def sampler_generate_fn(
+  source: str, adapter: str | None = None, dtype: str = "float32", max_batch: int = 8
+):
+  """A `generate_fn` over the lora_jax sampler. The model loads on the first call (so a rerun
+  with nothing left to generate loads nothing) and is freed with the function."""
+  state = {}
 
-    def generate_fn(prompts, **kwargs):
-        if not state:
-            import lora_jax
+  def generate_fn(prompts, **kwargs):
+    if not state:
+      import lora_jax
 
-            model = lora_jax.load_pretrained(source, dtype=dtype, mesh=None)
-            if adapter:
-                from lora_jax.io.peft import load_peft_adapter
+      model = lora_jax.load_pretrained(source, dtype=dtype, mesh=None)
+      if adapter:
+        from lora_jax.io.peft import load_peft_adapter
 
-                model = load_peft_adapter(model, adapter)
-            state["fn"] = model_generate_fn(model, lora_jax.load_tokenizer(source), max_batch)
-        state["fn"](prompts, **kwargs)
+        model = load_peft_adapter(model, adapter)
+      state["fn"] = model_generate_fn(model, lora_jax.load_tokenizer(source), max_batch)
+    state["fn"](prompts, **kwargs)
 
-    return generate_fn
+  return generate_fn
 
 
 def texts_fn(generate_fn, max_new_tokens: int, chat_template: bool):
-    """Adapt a ``generate_fn`` to a judge: greedy, one text per prompt, in order."""
-    greedy = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
+  """Adapt a `generate_fn` to a judge: greedy, one text per prompt, in order."""
+  greedy = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
 
-    def run(prompts):
-        texts = [None] * len(prompts)
-        generate_fn(prompts, seed=0, sampling=greedy, chat_template=chat_template,
-                    on_result=lambda r: texts.__setitem__(r.index, r.text))
-        missing = sum(t is None for t in texts)
-        if missing:
-            raise RuntimeError(f"judge returned no text for {missing} of {len(prompts)} prompts")
-        return texts
+  def run(prompts):
+    texts = [None] * len(prompts)
+    generate_fn(
+      prompts,
+      seed=0,
+      sampling=greedy,
+      chat_template=chat_template,
+      on_result=lambda r: texts.__setitem__(r.index, r.text),
+    )
+    missing = sum(t is None for t in texts)
+    if missing:
+      raise RuntimeError(f"judge returned no text for {missing} of {len(prompts)} prompts")
+    return texts
 
-    return run
+  return run
 
 
-def sampler_judges(llama_guard_source: str | None, math_judge_source: str | None,
-                   dtype: str = "float32", max_batch: int = 8) -> Judges:
-    """Judges running on our sampler: Llama-Guard-3 on its rendered prompts (no second chat
-    template), 512 greedy tokens as the reference; the math re-check judge on chat messages, 20
-    greedy tokens."""
-    from evals.safety import LLAMA_GUARD_MAX_NEW_TOKENS
+def sampler_judges(
+  llama_guard_source: str | None,
+  math_judge_source: str | None,
+  dtype: str = "float32",
+  max_batch: int = 8,
+) -> Judges:
+  """Judges running on our sampler: Llama-Guard-3 on its rendered prompts (no second chat
+  template), 512 greedy tokens as the reference; the math re-check judge on chat messages, 20
+  greedy tokens."""
+  from evals.safety import LLAMA_GUARD_MAX_NEW_TOKENS
 
-    guard = math = None
-    if llama_guard_source:
-        guard = texts_fn(sampler_generate_fn(llama_guard_source, None, dtype, max_batch),
-                         LLAMA_GUARD_MAX_NEW_TOKENS, chat_template=False)
-    if math_judge_source:
-        math = texts_fn(sampler_generate_fn(math_judge_source, None, dtype, max_batch), 20,
-                        chat_template=True)
-    return Judges(llama_guard=guard, math=math)
+  guard = math = None
+  if llama_guard_source:
+    guard = texts_fn(
+      sampler_generate_fn(llama_guard_source, None, dtype, max_batch),
+      LLAMA_GUARD_MAX_NEW_TOKENS,
+      chat_template=False,
+    )
+  if math_judge_source:
+    math = texts_fn(
+      sampler_generate_fn(math_judge_source, None, dtype, max_batch), 20, chat_template=True
+    )
+  return Judges(llama_guard=guard, math=math)
 
 
 # --- grade-only -----------------------------------------------------------------------------------
 
 
 def read_generations(path: str, records: dict[str, dict], name: str) -> list[dict]:
-    """Answers made anywhere: JSON lines with ``task_id`` (or ``id``): the problem's id, or its
-    index in the benchmark; ``completion``; optional ``seed`` (default 0) and ``sample``."""
-    ids, out, count = list(records), [], Counter()
-    with open(path, encoding="utf-8") as f:
-        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
-    for i, line in lines:
-        where = f"{path} line {i}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not JSON ({e.msg})") from None
-        tid = row.get("task_id", row.get("id"))
-        if tid is None or not isinstance(row.get("completion"), str):
-            raise ValueError(f"{where}: needs a task_id and a string completion")
-        if str(tid) not in records:
-            if not (str(tid).isdigit() and int(tid) < len(ids)):
-                raise ValueError(f"{where}: task_id {tid!r} is not a {name} id or index")
-            tid = ids[int(tid)]
-        seed = int(row.get("seed", 0))
-        sample = int(row.get("sample", count[(str(tid), seed)]))
-        count[(str(tid), seed)] += 1
-        out.append({**row, "task_id": str(tid), "seed": seed, "sample": sample})
-    if not out:
-        raise ValueError(f"{path}: no answers")
-    return out
+  """Answers made anywhere: JSON lines with `task_id` (or `id`): the problem's id, or its
+  index in the benchmark; `completion`; optional `seed` (default 0) and `sample`."""
+  ids, out, count = list(records), [], Counter()
+  with open(path, encoding="utf-8") as f:
+    lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+  for i, line in lines:
+    where = f"{path} line {i}"
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{where}: not JSON ({e.msg})") from None
+    tid = row.get("task_id", row.get("id"))
+    if tid is None or not isinstance(row.get("completion"), str):
+      raise ValueError(f"{where}: needs a task_id and a string completion")
+    if str(tid) not in records:
+      if not (str(tid).isdigit() and int(tid) < len(ids)):
+        raise ValueError(f"{where}: task_id {tid!r} is not a {name} id or index")
+      tid = ids[int(tid)]
+    seed = int(row.get("seed", 0))
+    sample = int(row.get("sample", count[(str(tid), seed)]))
+    count[(str(tid), seed)] += 1
+    out.append({**row, "task_id": str(tid), "seed": seed, "sample": sample})
+  if not out:
+    raise ValueError(f"{path}: no answers")
+  return out
 
 
-def grade_only(name: str, generations_path: str, out_path: str, *, data_path: str | None = None,
-               template: str = "reference", judges: Judges | None = None,
-               code_workers: int = 2) -> dict:
-    """Grade a generations file; writes scores to ``out_path`` and the graded answers beside it
-    (``<out>.graded.jsonl``)."""
-    records = benchmarks.load(name, data_path)
-    samples = read_generations(generations_path, records, name)
-    graded, result = grade_and_score(name, records, samples, template, judges or Judges(),
-                                     code_workers)
-    stem = out_path[:-5] if out_path.endswith(".json") else out_path
-    _write_jsonl(stem + ".graded.jsonl", graded)
-    scores = {"label": os.path.basename(stem), "step": None, "generations": generations_path,
-              "template": template, "benchmarks": {name: result}}
-    _write_json(out_path, scores)
-    return scores
+def grade_only(
+  name: str,
+  generations_path: str,
+  out_path: str,
+  *,
+  data_path: str | None = None,
+  template: str = "reference",
+  judges: Judges | None = None,
+  code_workers: int = 2,
+) -> dict:
+  """Grade a generations file; writes scores to `out_path` and the graded answers beside it
+  (`<out>.graded.jsonl`)."""
+  records = benchmarks.load(name, data_path)
+  samples = read_generations(generations_path, records, name)
+  graded, result = grade_and_score(
+    name, records, samples, template, judges or Judges(), code_workers
+  )
+  stem = out_path[:-5] if out_path.endswith(".json") else out_path
+  _write_jsonl(stem + ".graded.jsonl", graded)
+  scores = {
+    "label": os.path.basename(stem),
+    "step": None,
+    "generations": generations_path,
+    "template": template,
+    "benchmarks": {name: result},
+  }
+  _write_json(out_path, scores)
+  return scores

@@ -1,1 +1,1 @@
-"""Thin absl entry points: parse flags, call the library (``python -m launch.<name>``)."""
+"""Thin absl entry points: parse flags, call the library (`python -m launch.<name>`)."""

@@ -9,8 +9,11 @@ FLAGS = flags.FLAGS
 
 
 def define_distributed_flags() -> None:
-  flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with auto-detection "
-                    "(TPU pods, SLURM, Open MPI, ...).")
+  flags.DEFINE_bool(
+    "multihost",
+    False,
+    "Call jax.distributed.initialize() with auto-detection (TPU pods, SLURM, Open MPI, ...).",
+  )
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a manual start.")
   flags.DEFINE_integer("num_processes", None, "Processes in a manual multi-process start.")
   flags.DEFINE_integer("process_id", None, "This process's index in a manual start.")
@@ -24,8 +27,11 @@ def init_distributed() -> None:
   if FLAGS.cpu_devices:
     jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
   if FLAGS.coordinator_address:
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    jax.distributed.initialize(
+      coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
+    )
   elif FLAGS.multihost:
     jax.distributed.initialize()
 
@@ -52,8 +58,15 @@ def one_line_errors(main):
   from lora_jax.lora import LoRAError
   from lora_jax.sharding import MeshError
 
-  user_errors = (ConfigError, CheckpointError, DataError, LoRAError, MeshError, ResumeError,
-                 FileNotFoundError)
+  user_errors = (
+    ConfigError,
+    CheckpointError,
+    DataError,
+    LoRAError,
+    MeshError,
+    ResumeError,
+    FileNotFoundError,
+  )
 
   @functools.wraps(main)
   def wrapped(argv):

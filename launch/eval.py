@@ -6,7 +6,7 @@ Generate, grade and score (resumable: a rerun skips the (task, seed) answers alr
         --benchmarks=strongreject,aime24,gpqa_diamond,humaneval_plus,mbpp_plus --seeds=0-7 \\
         --out=DIR [--data_dir=DIR | --data=aime24=path/test.jsonl ...]
 
-Grade only (one JSON object per line: ``task_id``, ``completion``, optional ``seed``)::
+Grade only (one JSON object per line: `task_id`, `completion`, optional `seed`)::
 
     python -m launch.eval --benchmark=aime24 --generations=answers.jsonl --out=scores.json
 """
@@ -28,8 +28,11 @@ flags.DEFINE_string("workdir", None, "Training workdir: evaluate its exports/ste
 flags.DEFINE_string("steps", "all", "With --workdir: 'all', 'last' or a list like 500,1000.")
 flags.DEFINE_bool("include_base", False, "With --workdir: evaluate the base model too.")
 flags.DEFINE_string("label", None, "Name of the results directory of a single model.")
-flags.DEFINE_list("benchmarks", ["strongreject", "aime24", "gpqa_diamond", "humaneval_plus",
-                                 "mbpp_plus"], f"Benchmarks: {', '.join(benchmarks.REGISTRY)}.")
+flags.DEFINE_list(
+  "benchmarks",
+  ["strongreject", "aime24", "gpqa_diamond", "humaneval_plus", "mbpp_plus"],
+  f"Benchmarks: {', '.join(benchmarks.REGISTRY)}.",
+)
 flags.DEFINE_string("seeds", "0-7", "Seeds of the reasoning benchmarks: 0-7 or 0,1,2.")
 flags.DEFINE_string("safety_seeds", "0", "Seeds of the safety benchmarks (one answer each).")
 flags.DEFINE_string("out", None, "Output directory (or scores JSON file in grade-only mode).")
@@ -42,8 +45,11 @@ flags.DEFINE_float("temperature", None, "Override every benchmark's temperature.
 flags.DEFINE_float("top_p", None, "Override every benchmark's top_p.")
 flags.DEFINE_enum("safety_judge", "keyword", ["keyword", "llama_guard"], "Judge of harmfulness.")
 flags.DEFINE_string("judge_model", "meta-llama/Llama-Guard-3-8B", "Llama-Guard-3 source.")
-flags.DEFINE_string("math_judge_model", None,
-                    "LLM re-checking math mismatches (the reference: Qwen/Qwen2.5-32B-Instruct).")
+flags.DEFINE_string(
+  "math_judge_model",
+  None,
+  "LLM re-checking math mismatches (the reference: Qwen/Qwen2.5-32B-Instruct).",
+)
 flags.DEFINE_string("dtype", "float32", "Parameter dtype of the evaluated and judge models.")
 flags.DEFINE_integer("max_batch", 8, "Sequences decoded together.")
 flags.DEFINE_integer("code_workers", 2, "Processes running code tests.")
@@ -52,68 +58,81 @@ flags.DEFINE_string("generations", None, "Grade-only: JSONL of answers to grade.
 
 
 def _summary(result: dict) -> str:
-    value = result[result["primary"]]
-    if value["mean"] is None:
-        return f"{result['primary']} = n/a"
-    return (f"{result['primary']} = {value['mean']:.4f} "
-            f"[{value['ci_low']:.4f}, {value['ci_high']:.4f}] (n={value['n']})")
+  value = result[result["primary"]]
+  if value["mean"] is None:
+    return f"{result['primary']} = n/a"
+  return (
+    f"{result['primary']} = {value['mean']:.4f} "
+    f"[{value['ci_low']:.4f}, {value['ci_high']:.4f}] (n={value['n']})"
+  )
 
 
 def _judges() -> runner.Judges:
-    guard = FLAGS.judge_model if FLAGS.safety_judge == "llama_guard" else None
-    return runner.sampler_judges(guard, FLAGS.math_judge_model, FLAGS.dtype, FLAGS.max_batch)
+  guard = FLAGS.judge_model if FLAGS.safety_judge == "llama_guard" else None
+  return runner.sampler_judges(guard, FLAGS.math_judge_model, FLAGS.dtype, FLAGS.max_batch)
 
 
 def _grade_only() -> None:
-    if not (FLAGS.benchmark and FLAGS.generations and FLAGS.out):
-        raise ValueError("grade-only needs --benchmark, --generations and --out")
-    name = FLAGS.benchmark
-    path = benchmarks.resolve_path(name, runner.parse_data(FLAGS.data), FLAGS.data_dir)
-    scores = runner.grade_only(name, FLAGS.generations, FLAGS.out, data_path=path,
-                               template=FLAGS.template, judges=_judges(),
-                               code_workers=FLAGS.code_workers)
-    print(f"{name}: {_summary(scores['benchmarks'][name])} -> {FLAGS.out}")
+  if not (FLAGS.benchmark and FLAGS.generations and FLAGS.out):
+    raise ValueError("grade-only needs --benchmark, --generations and --out")
+  name = FLAGS.benchmark
+  path = benchmarks.resolve_path(name, runner.parse_data(FLAGS.data), FLAGS.data_dir)
+  scores = runner.grade_only(
+    name,
+    FLAGS.generations,
+    FLAGS.out,
+    data_path=path,
+    template=FLAGS.template,
+    judges=_judges(),
+    code_workers=FLAGS.code_workers,
+  )
+  print(f"{name}: {_summary(scores['benchmarks'][name])} -> {FLAGS.out}")
 
 
 def _evaluate() -> None:
-    if not FLAGS.out:
-        raise ValueError("--out is required")
-    for name in FLAGS.benchmarks:
-        benchmarks.get(name)
-    cfg = runner.EvalConfig(
-        benchmarks=tuple(FLAGS.benchmarks), out_dir=FLAGS.out,
-        seeds=runner.parse_seeds(FLAGS.seeds, "seeds"),
-        safety_seeds=runner.parse_seeds(FLAGS.safety_seeds, "safety_seeds"),
-        template=FLAGS.template,
-        data_paths=runner.parse_data(FLAGS.data), data_dir=FLAGS.data_dir, limit=FLAGS.limit,
-        max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
-        code_workers=FLAGS.code_workers,
-    )
-    models = runner.resolve_models(FLAGS)
-    # All generation first, one model in memory at a time; then the judges load once for grading.
-    for label, source, adapter in models:
-        generate_fn = runner.sampler_generate_fn(source, adapter, FLAGS.dtype, FLAGS.max_batch)
-        runner.generate_all(cfg, label, generate_fn, {"model": source, "adapter": adapter})
-        del generate_fn
-        gc.collect()
-    judges = _judges()
-    for label, source, adapter in models:
-        scores = runner.grade_all(cfg, label, judges, {"model": source, "adapter": adapter})
-        for name, result in scores["benchmarks"].items():
-            print(f"{label} {name}: {_summary(result)}")
+  if not FLAGS.out:
+    raise ValueError("--out is required")
+  for name in FLAGS.benchmarks:
+    benchmarks.get(name)
+  cfg = runner.EvalConfig(
+    benchmarks=tuple(FLAGS.benchmarks),
+    out_dir=FLAGS.out,
+    seeds=runner.parse_seeds(FLAGS.seeds, "seeds"),
+    safety_seeds=runner.parse_seeds(FLAGS.safety_seeds, "safety_seeds"),
+    template=FLAGS.template,
+    data_paths=runner.parse_data(FLAGS.data),
+    data_dir=FLAGS.data_dir,
+    limit=FLAGS.limit,
+    max_new_tokens=FLAGS.max_new_tokens,
+    temperature=FLAGS.temperature,
+    top_p=FLAGS.top_p,
+    code_workers=FLAGS.code_workers,
+  )
+  models = runner.resolve_models(FLAGS)
+  # All generation first, one model in memory at a time; then the judges load once for grading.
+  for label, source, adapter in models:
+    generate_fn = runner.sampler_generate_fn(source, adapter, FLAGS.dtype, FLAGS.max_batch)
+    runner.generate_all(cfg, label, generate_fn, {"model": source, "adapter": adapter})
+    del generate_fn
+    gc.collect()
+  judges = _judges()
+  for label, source, adapter in models:
+    scores = runner.grade_all(cfg, label, judges, {"model": source, "adapter": adapter})
+    for name, result in scores["benchmarks"].items():
+      print(f"{label} {name}: {_summary(result)}")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        if FLAGS.generations or FLAGS.benchmark:
-            _grade_only()
-        else:
-            _evaluate()
-    except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback
-        sys.exit(f"launch.eval: {e}")
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    if FLAGS.generations or FLAGS.benchmark:
+      _grade_only()
+    else:
+      _evaluate()
+  except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback
+    sys.exit(f"launch.eval: {e}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+  app.run(main)

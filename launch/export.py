@@ -9,8 +9,11 @@ flags.DEFINE_string("workdir", None, "A training workdir.")
 flags.DEFINE_enum("format", "peft", ["peft", "merged"], "PEFT adapter dir or merged HF model.")
 flags.DEFINE_string("out", None, "Output directory.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-flags.DEFINE_bool("all_steps", False, "Export every checkpoint to OUT/step_N (for launch.eval "
-                  "--workdir --steps=all).")
+flags.DEFINE_bool(
+  "all_steps",
+  False,
+  "Export every checkpoint to OUT/step_N (for launch.eval --workdir --steps=all).",
+)
 flags.mark_flags_as_required(["workdir", "out"])
 
 

@@ -1,6 +1,6 @@
 """Tables and the safety-vs-reasoning plot across runs and checkpoints.
 
-    python -m launch.report --runs=out/lora_r1,out/full --base=out/base --out=report/
+python -m launch.report --runs=out/lora_r1,out/full --base=out/base --out=report/
 """
 
 from __future__ import annotations
@@ -21,17 +21,17 @@ flags.DEFINE_string("safety", "strongreject", "The safety benchmark on the plot'
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        if not FLAGS.runs or not FLAGS.out:
-            raise ValueError("--runs and --out are required")
-        paths = report.write_report(FLAGS.runs, FLAGS.out, FLAGS.base, FLAGS.names, FLAGS.safety)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback
-        sys.exit(f"launch.report: {e}")
-    print(paths["table"])
-    print(f"wrote {paths['markdown']} and {paths['plot']}")
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    if not FLAGS.runs or not FLAGS.out:
+      raise ValueError("--runs and --out are required")
+    paths = report.write_report(FLAGS.runs, FLAGS.out, FLAGS.base, FLAGS.names, FLAGS.safety)
+  except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback
+    sys.exit(f"launch.report: {e}")
+  print(paths["table"])
+  print(f"wrote {paths['markdown']} and {paths['plot']}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+  app.run(main)

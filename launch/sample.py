@@ -37,11 +37,16 @@ flags.DEFINE_integer("n", 1, "Answers per prompt.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_multi_string("stop", [], "Stop string (repeatable); the text is cut before it.")
 flags.DEFINE_list("stop_token_ids", [], "Stop token ids, besides the model's eos ids.")
-flags.DEFINE_bool("chat_template", True, "Render 'prompt' rows as a user message with the "
-                  "tokenizer's chat template (--nochat_template: raw text).")
+flags.DEFINE_bool(
+  "chat_template",
+  True,
+  "Render 'prompt' rows as a user message with the "
+  "tokenizer's chat template (--nochat_template: raw text).",
+)
 flags.DEFINE_string("max_batch", "8", "Sequences decoded together, or 'auto' (as many as fit).")
-flags.DEFINE_integer("max_len", None, "Cache slots per sequence (default: longest prompt + "
-                     "max_new_tokens).")
+flags.DEFINE_integer(
+  "max_len", None, "Cache slots per sequence (default: longest prompt + max_new_tokens)."
+)
 flags.DEFINE_float("max_cache_gb", None, "Memory budget of the KV cache (default: free memory).")
 flags.DEFINE_string("mesh", None, "Device mesh, e.g. fsdp:4,tensor:2 (default: one device).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
@@ -68,8 +73,10 @@ def read_prompts(path: str) -> tuple[list[str], list]:
       prompt = row.get("prompt", row.get("messages"))
       if "prompt" in row and not isinstance(prompt, str):
         raise InputError(f"{path}:{line_no}: 'prompt' must be a string")
-      if "messages" in row and not (isinstance(prompt, list) and all(
-          isinstance(m, dict) and {"role", "content"} <= set(m) for m in prompt)):
+      if "messages" in row and not (
+        isinstance(prompt, list)
+        and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in prompt)
+      ):
         raise InputError(f"{path}:{line_no}: 'messages' must be a list of {{role, content}}")
       ids.append(str(row.get("id", len(ids))))
       prompts.append(prompt)
@@ -89,7 +96,7 @@ def read_done(path: str, repair: bool) -> set[tuple[str, int]]:
   with open(path, "rb") as f:
     data = f.read()
   if data and not data.endswith(b"\n"):
-    data = data[:data.rfind(b"\n") + 1]
+    data = data[: data.rfind(b"\n") + 1]
     if repair:
       with open(path, "rb+") as f:
         f.truncate(len(data))
@@ -105,6 +112,7 @@ def parse_mesh(spec: str | None):
   if not spec:
     return None
   import lora_jax
+
   try:
     shape = {k.strip(): int(v) for k, v in (part.split(":") for part in spec.split(","))}
   except ValueError:
@@ -131,14 +139,21 @@ def main(argv):
   index_of = {pid: i for i, pid in enumerate(ids)}
   skip = {(index_of[pid], s) for pid, s in done if pid in index_of and s < FLAGS.n}
   todo = len(prompts) * FLAGS.n - len(skip)
-  logging.info("%d prompts x %d samples: %d already in %s, %d to generate", len(prompts),
-               FLAGS.n, len(skip), FLAGS.out, todo)
+  logging.info(
+    "%d prompts x %d samples: %d already in %s, %d to generate",
+    len(prompts),
+    FLAGS.n,
+    len(skip),
+    FLAGS.out,
+    todo,
+  )
   if todo == 0:
     return
   max_batch = FLAGS.max_batch if FLAGS.max_batch == "auto" else int(FLAGS.max_batch)
   model = lora_jax.load_pretrained(FLAGS.model, dtype=FLAGS.dtype, mesh=parse_mesh(FLAGS.mesh))
   if FLAGS.adapter:
     from lora_jax.io.peft import load_peft_adapter
+
     model = load_peft_adapter(model, FLAGS.adapter)
   tokenizer = lora_jax.load_tokenizer(FLAGS.tokenizer or FLAGS.model)
   writer = open(FLAGS.out, "a") if jax.process_index() == 0 else None
@@ -146,20 +161,45 @@ def main(argv):
   def on_result(r):
     if writer is None:
       return
-    writer.write(json.dumps({
-        "id": ids[r.index], "sample": r.sample, "text": r.text, "finish_reason": r.finish_reason,
-        "stop_reason": r.stop_reason, "num_prompt_tokens": r.num_prompt_tokens,
-        "num_tokens": r.num_tokens, "seed": FLAGS.seed}, ensure_ascii=False) + "\n")
+    writer.write(
+      json.dumps(
+        {
+          "id": ids[r.index],
+          "sample": r.sample,
+          "text": r.text,
+          "finish_reason": r.finish_reason,
+          "stop_reason": r.stop_reason,
+          "num_prompt_tokens": r.num_prompt_tokens,
+          "num_tokens": r.num_tokens,
+          "seed": FLAGS.seed,
+        },
+        ensure_ascii=False,
+      )
+      + "\n"
+    )
     writer.flush()
 
   try:
-    generate_text(model, tokenizer, prompts, max_new_tokens=FLAGS.max_new_tokens,
-                  temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
-                  min_p=FLAGS.min_p, seed=FLAGS.seed, n=FLAGS.n, stop=tuple(FLAGS.stop),
-                  stop_token_ids=stop_ids,
-                  chat_template=FLAGS.chat_template, max_batch=max_batch,
-                  on_result=on_result, max_len=FLAGS.max_len, max_cache_gb=FLAGS.max_cache_gb,
-                  skip=skip)
+    generate_text(
+      model,
+      tokenizer,
+      prompts,
+      max_new_tokens=FLAGS.max_new_tokens,
+      temperature=FLAGS.temperature,
+      top_p=FLAGS.top_p,
+      top_k=FLAGS.top_k,
+      min_p=FLAGS.min_p,
+      seed=FLAGS.seed,
+      n=FLAGS.n,
+      stop=tuple(FLAGS.stop),
+      stop_token_ids=stop_ids,
+      chat_template=FLAGS.chat_template,
+      max_batch=max_batch,
+      on_result=on_result,
+      max_len=FLAGS.max_len,
+      max_cache_gb=FLAGS.max_cache_gb,
+      skip=skip,
+    )
   finally:
     if writer is not None:
       writer.close()
@@ -168,6 +208,7 @@ def main(argv):
 
 def _main(argv):
   from lora_jax.sampling import SamplingError
+
   try:
     return one_line_errors(main)(argv)
   except (InputError, SamplingError) as e:

@@ -25,8 +25,10 @@ def main(argv):
   result = train(FLAGS.config, FLAGS.workdir)
   logging.info("finished: %s", result)
   if result.status == "nan":
-    raise SystemExit(f"training stopped at step {result.step}: the loss is not finite "
-                     f"(last good checkpoint kept in {FLAGS.workdir}/checkpoints)")
+    raise SystemExit(
+      f"training stopped at step {result.step}: the loss is not finite "
+      f"(last good checkpoint kept in {FLAGS.workdir}/checkpoints)"
+    )
 
 
 if __name__ == "__main__":

@@ -23,10 +23,16 @@ class ResumeError(ValueError):
 
 def model_fingerprint(model_cfg, train_mode: str, lora_cfg=None) -> dict:
   """What a checkpoint must agree on to be resumed: the model's shapes and what is trained."""
-  fp = {"family": model_cfg.family, "vocab_size": model_cfg.vocab_size,
-        "hidden_size": model_cfg.hidden_size, "num_layers": model_cfg.num_layers,
-        "intermediate_size": model_cfg.intermediate_size, "num_heads": model_cfg.num_heads,
-        "num_kv_heads": model_cfg.num_kv_heads, "mode": train_mode}
+  fp = {
+    "family": model_cfg.family,
+    "vocab_size": model_cfg.vocab_size,
+    "hidden_size": model_cfg.hidden_size,
+    "num_layers": model_cfg.num_layers,
+    "intermediate_size": model_cfg.intermediate_size,
+    "num_heads": model_cfg.num_heads,
+    "num_kv_heads": model_cfg.num_kv_heads,
+    "mode": train_mode,
+  }
   if lora_cfg is not None:
     fp.update(rank=lora_cfg.rank, targets=list(lora_cfg.targets))
   return fp
@@ -35,8 +41,9 @@ def model_fingerprint(model_cfg, train_mode: str, lora_cfg=None) -> dict:
 class Checkpointer:
   def __init__(self, directory: str, max_to_keep: int | None = None, async_save: bool = True):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=async_save)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+    )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -46,10 +53,15 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, params, opt_state, meta: dict, force: bool = False) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         opt_state=ocp.args.StandardSave(opt_state),
-        meta=ocp.args.JsonSave(meta)), force=force)
+        meta=ocp.args.JsonSave(meta),
+      ),
+      force=force,
+    )
 
   def read_meta(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
@@ -60,8 +72,10 @@ class Checkpointer:
     ShapeDtypeStructs). opt_state_like=None restores the params only (for export)."""
     meta = self.read_meta(step)
     if fingerprint is not None and meta.get("fingerprint") != fingerprint:
-      raise ResumeError(f"checkpoint {self.directory}/{step} is of another model or training "
-                        f"mode: it has {meta.get('fingerprint')}, this run has {fingerprint}")
+      raise ResumeError(
+        f"checkpoint {self.directory}/{step} is of another model or training "
+        f"mode: it has {meta.get('fingerprint')}, this run has {fingerprint}"
+      )
     args = {"params": ocp.args.StandardRestore(_abstract(params_like))}
     if opt_state_like is not None:
       args["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_like))
@@ -78,8 +92,8 @@ class Checkpointer:
 
 def _abstract(tree):
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-      tree)
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
+  )
 
 
 def write_config(workdir: str, config) -> None:
@@ -88,5 +102,4 @@ def write_config(workdir: str, config) -> None:
     return
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(config.to_dict() if hasattr(config, "to_dict") else config, f, indent=2,
-              default=str)
+    json.dump(config.to_dict() if hasattr(config, "to_dict") else config, f, indent=2, default=str)

@@ -40,8 +40,9 @@ def restore_model(workdir: str, step: int | None = None, mesh=None):
     raise FileNotFoundError(f"no checkpoints in {workdir}/checkpoints")
   step = steps[-1] if step is None else step
   if step not in steps:
-    raise FileNotFoundError(f"no checkpoint for step {step} in {workdir}/checkpoints "
-                            f"(have {steps})")
+    raise FileNotFoundError(
+      f"no checkpoint for step {step} in {workdir}/checkpoints (have {steps})"
+    )
   model, tokenizer = build_model(config, mesh)
   graphdef, trainable, frozen = split_trainable(model, config.train.mode)
   params, _, _ = checkpointer.restore(step, nnx.to_pure_dict(trainable))
@@ -50,8 +51,9 @@ def restore_model(workdir: str, step: int | None = None, mesh=None):
   return nnx.merge(graphdef, trainable, frozen), tokenizer, config, step
 
 
-def export_checkpoint(workdir: str, out_dir: str, fmt: str = "peft", step: int | None = None,
-                      mesh=None) -> str:
+def export_checkpoint(
+  workdir: str, out_dir: str, fmt: str = "peft", step: int | None = None, mesh=None
+) -> str:
   if fmt not in FORMATS:
     raise ValueError(f"format={fmt!r}; expected one of {FORMATS}")
   model, tokenizer, config, step = restore_model(workdir, step, mesh)

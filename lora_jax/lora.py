@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,11 +22,11 @@ from lora_jax.model import LINEARS, Decoder
 
 # The reference's target modes, plus "all" for every linear layer.
 TARGET_GROUPS = {
-    "qkvo_mlp": LINEARS,
-    "all": LINEARS,
-    "mlp": ("gate_proj", "up_proj", "down_proj"),
-    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"),
+  "qkvo_mlp": LINEARS,
+  "all": LINEARS,
+  "mlp": ("gate_proj", "up_proj", "down_proj"),
+  "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+  "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"),
 }
 
 
@@ -61,8 +61,10 @@ def resolve_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
     names = TARGET_GROUPS.get(t, (t,))
     for n in names:
       if n not in LINEARS:
-        raise LoRAError(f"LoRA target {t!r} matches no module; modules: {list(LINEARS)}, "
-                        f"groups: {sorted(TARGET_GROUPS)}")
+        raise LoRAError(
+          f"LoRA target {t!r} matches no module; modules: {list(LINEARS)}, "
+          f"groups: {sorted(TARGET_GROUPS)}"
+        )
       if n not in out:
         out.append(n)
   if not out:
@@ -91,8 +93,7 @@ def layer_scales(cfg: LoRAConfig, num_layers: int) -> jax.Array:
   return jnp.where((idx >= lo) & (idx <= hi), cfg.scale, 0.0).astype(jnp.float32)
 
 
-def apply_lora(model: Decoder, cfg: LoRAConfig, *, seed: int = 0,
-               dtype=jnp.float32) -> Decoder:
+def apply_lora(model: Decoder, cfg: LoRAConfig, *, seed: int = 0, dtype=jnp.float32) -> Decoder:
   """Add adapters to `model` in place (and return it). Adapter params are created with the
   sharding of the kernel they adapt (the rank axis replicated)."""
   if cfg.rank < 1:
@@ -108,8 +109,10 @@ def apply_lora(model: Decoder, cfg: LoRAConfig, *, seed: int = 0,
     bound = 1.0 / math.sqrt(din)
     a = jax.random.uniform(jax.random.fold_in(key, i), (L, din, cfg.rank), dtype, -bound, bound)
     b = jnp.zeros((L, cfg.rank, dout), dtype)
-    a, b = _place(model, a, ("layers", in_ax, "lora_rank")), _place(model, b,
-                                                                   ("layers", "lora_rank", out_ax))
+    a, b = (
+      _place(model, a, ("layers", in_ax, "lora_rank")),
+      _place(model, b, ("layers", "lora_rank", out_ax)),
+    )
     lin.lora_a = nnx.LoRAParam(a, axes=("layers", in_ax, "lora_rank"))
     lin.lora_b = nnx.LoRAParam(b, axes=("layers", "lora_rank", out_ax))
     lin.lora_scale = LoRAScale(_place(model, scales, ("layers",)), axes=("layers",))
@@ -121,6 +124,7 @@ def _place(model: Decoder, x, axes):
   if model.mesh is None:
     return x
   from lora_jax.sharding import named_sharding
+
   return jax.device_put(x, named_sharding(model.mesh, axes, x.shape))
 
 

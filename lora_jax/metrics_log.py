@@ -11,9 +11,18 @@ import jax
 import jax.numpy as jnp
 
 # Dense peak FLOP/s per device for the compute dtype used on each (bf16 on accelerators).
-_PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-               "TPU v6 lite": 918e12, "A100": 312e12, "H100": 989e12, "H200": 989e12,
-               "L4": 121e12, "A10": 125e12}
+_PEAK_FLOPS = {
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5e": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v6 lite": 918e12,
+  "A100": 312e12,
+  "H100": 989e12,
+  "H200": 989e12,
+  "L4": 121e12,
+  "A10": 125e12,
+}
 _cpu_peak: float | None = None
 
 
@@ -27,6 +36,7 @@ class MetricsWriter:
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     if tensorboard:
       from tensorboardX import SummaryWriter
+
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
@@ -51,8 +61,10 @@ class MetricsWriter:
 def flops_per_token(cfg, seq_len: int, full_finetune: bool) -> float:
   """Model FLOPs per trained token (PaLM-style MFU: matmuls and attention, no remat)."""
   d, L = cfg.hidden_size, cfg.num_layers
-  matmul_params = L * (d * (cfg.q_dim + 2 * cfg.kv_dim) + cfg.q_dim * d
-                       + 3 * d * cfg.intermediate_size) + cfg.vocab_size * d
+  matmul_params = (
+    L * (d * (cfg.q_dim + 2 * cfg.kv_dim) + cfg.q_dim * d + 3 * d * cfg.intermediate_size)
+    + cfg.vocab_size * d
+  )
   forward = 2 * matmul_params + 4 * L * cfg.q_dim * seq_len
   # Backward: activation grads (~1x forward) always; weight grads (~1x) only when weights train.
   return forward * (3 if full_finetune else 2)
@@ -83,5 +95,5 @@ def measured_cpu_matmul_flops(n: int = 2048, repeats: int = 5, cached: bool = Tr
       t = time.perf_counter()
       f(x).block_until_ready()
       best = min(best, time.perf_counter() - t)
-    _cpu_peak = 2 * n ** 3 / best
+    _cpu_peak = 2 * n**3 / best
   return _cpu_peak

@@ -23,11 +23,13 @@ from lora_jax.config import ModelConfig
 from lora_jax.sharding import constrain
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully-masked (pad) rows stay NaN-free
+_MASK_VALUE = -0.7 * float(
+  jnp.finfo(jnp.float32).max
+)  # finite: fully-masked (pad) rows stay NaN-free
 _REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -38,13 +40,25 @@ class Linear(nnx.Module):
   `lora_scale` [layers] (alpha / r on adapted layers, 0 elsewhere).
   """
 
-  def __init__(self, layers: int, din: int, dout: int, in_axis: str, out_axis: str, bias: bool,
-               *, rngs: nnx.Rngs, param_dtype):
+  def __init__(
+    self,
+    layers: int,
+    din: int,
+    dout: int,
+    in_axis: str,
+    out_axis: str,
+    bias: bool,
+    *,
+    rngs: nnx.Rngs,
+    param_dtype,
+  ):
     init = nnx.initializers.normal(0.02)
-    self.kernel = nnx.Param(init(rngs.params(), (layers, dout, din), param_dtype),
-                            axes=("layers", out_axis, in_axis))
-    self.bias = (nnx.Param(jnp.zeros((layers, dout), param_dtype), axes=("layers", out_axis))
-                 if bias else None)
+    self.kernel = nnx.Param(
+      init(rngs.params(), (layers, dout, din), param_dtype), axes=("layers", out_axis, in_axis)
+    )
+    self.bias = (
+      nnx.Param(jnp.zeros((layers, dout), param_dtype), axes=("layers", out_axis)) if bias else None
+    )
 
 
 class Layers(nnx.Module):
@@ -52,8 +66,9 @@ class Layers(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype):
     L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
-    lin = lambda din, dout, ia, oa, bias=False: Linear(L, din, dout, ia, oa, bias, rngs=rngs,
-                                                        param_dtype=param_dtype)
+    lin = lambda din, dout, ia, oa, bias=False: Linear(
+      L, din, dout, ia, oa, bias, rngs=rngs, param_dtype=param_dtype
+    )
     self.attn_norm = nnx.Param(jnp.ones((L, D), param_dtype), axes=("layers", "norm"))
     self.q_proj = lin(D, cfg.q_dim, "embed", "q_heads", cfg.qkv_bias)
     self.k_proj = lin(D, cfg.kv_dim, "embed", "kv_heads", cfg.qkv_bias)
@@ -71,8 +86,16 @@ class Layers(nnx.Module):
 class Decoder(nnx.Module):
   """The causal LM. `model(input_ids, attention_mask=mask)` -> logits [batch, seq, vocab]."""
 
-  def __init__(self, config: ModelConfig, *, param_dtype: Any = jnp.float32, dtype: Any = None,
-               rngs: nnx.Rngs | None = None, mesh=None, remat: str = "none"):
+  def __init__(
+    self,
+    config: ModelConfig,
+    *,
+    param_dtype: Any = jnp.float32,
+    dtype: Any = None,
+    rngs: nnx.Rngs | None = None,
+    mesh=None,
+    remat: str = "none",
+  ):
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     if remat not in _REMAT_POLICIES:
       raise ValueError(f"remat={remat!r}; expected one of {sorted(_REMAT_POLICIES)}")
@@ -82,44 +105,70 @@ class Decoder(nnx.Module):
     self.remat = remat
     self.lora_dropout = 0.0  # set by lora.py; applied only when a dropout rng is passed
     V, D = config.vocab_size, config.hidden_size
-    self.embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (V, D), param_dtype),
-                           axes=("vocab", "embed"))
+    self.embed = nnx.Param(
+      nnx.initializers.normal(0.02)(rngs.params(), (V, D), param_dtype), axes=("vocab", "embed")
+    )
     self.layers = Layers(config, rngs=rngs, param_dtype=param_dtype)
     self.final_norm = nnx.Param(jnp.ones((D,), param_dtype), axes=("norm",))
-    self.lm_head = (None if config.tie_word_embeddings else
-                    nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (V, D), param_dtype),
-                              axes=("vocab", "embed")))
+    self.lm_head = (
+      None
+      if config.tie_word_embeddings
+      else nnx.Param(
+        nnx.initializers.normal(0.02)(rngs.params(), (V, D), param_dtype), axes=("vocab", "embed")
+      )
+    )
 
   # ---- public entry points -------------------------------------------------------------------
-  def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
-               cache=None, dropout_rng=None):
+  def __call__(
+    self,
+    input_ids,
+    attention_mask=None,
+    positions=None,
+    segment_ids=None,
+    cache=None,
+    dropout_rng=None,
+  ):
     """Logits [B, T, V] (float32). With `cache`, returns (logits, new_cache)."""
-    hidden, new_cache, _ = self.hidden(input_ids, attention_mask, positions, segment_ids, cache,
-                                       dropout_rng)
+    hidden, new_cache, _ = self.hidden(
+      input_ids, attention_mask, positions, segment_ids, cache, dropout_rng
+    )
     logits = self.logits(hidden)
     return (logits, new_cache) if cache is not None else logits
 
   def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
     """Per-layer hidden states like HF's output_hidden_states: L + 1 arrays, the last normed."""
-    final, _, per_layer = self.hidden(input_ids, attention_mask, positions, segment_ids,
-                                      collect=True)
+    final, _, per_layer = self.hidden(
+      input_ids, attention_mask, positions, segment_ids, collect=True
+    )
     return [per_layer[i] for i in range(per_layer.shape[0] - 1)] + [final]
 
   def logits(self, hidden):
     head = self.embed[...] if self.lm_head is None else self.lm_head[...]
-    out = jnp.einsum("btd,vd->btv", hidden, head.astype(self.dtype),
-                     preferred_element_type=jnp.float32)
+    out = jnp.einsum(
+      "btd,vd->btv", hidden, head.astype(self.dtype), preferred_element_type=jnp.float32
+    )
     return constrain(out, self.mesh, ("batch", "seq", "act_vocab"))
 
-  def hidden(self, input_ids, attention_mask=None, positions=None, segment_ids=None, cache=None,
-             dropout_rng=None, collect=False):
+  def hidden(
+    self,
+    input_ids,
+    attention_mask=None,
+    positions=None,
+    segment_ids=None,
+    cache=None,
+    dropout_rng=None,
+    collect=False,
+  ):
     """Final normed hidden states [B, T, D], the updated cache, and (if collect) every layer's
     input stacked [L + 1, B, T, D] (embeddings first, last layer's output last)."""
     cfg = self.config
     input_ids = jnp.asarray(input_ids)
     B, T = input_ids.shape
-    mask = (jnp.ones((B, T), jnp.bool_) if attention_mask is None
-            else jnp.asarray(attention_mask).astype(jnp.bool_))
+    mask = (
+      jnp.ones((B, T), jnp.bool_)
+      if attention_mask is None
+      else jnp.asarray(attention_mask).astype(jnp.bool_)
+    )
     if positions is None:
       positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
       if cache is not None:  # continue after what the cache already holds
@@ -134,8 +183,9 @@ class Decoder(nnx.Module):
     cos, sin = rope_tables(cfg, positions)
 
     layer_params = nnx.to_pure_dict(nnx.state(self.layers))
-    step = _make_layer_step(self, mask, positions, segment_ids, cos, sin, cache, dropout_rng,
-                            collect)
+    step = _make_layer_step(
+      self, mask, positions, segment_ids, cos, sin, cache, dropout_rng, collect
+    )
     if self.remat != "none":
       step = jax.checkpoint(step, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
     carry = (x,) if cache is None else (x, cache["k"], cache["v"])
@@ -259,8 +309,9 @@ def _tokens(x):
   return x.reshape(-1, x.shape[-1])
 
 
-def _make_layer_step(model: Decoder, mask, positions, segment_ids, cos, sin, cache, dropout_rng,
-                     collect):
+def _make_layer_step(
+  model: Decoder, mask, positions, segment_ids, cos, sin, cache, dropout_rng, collect
+):
   cfg, mesh, dtype = model.config, model.mesh, model.dtype
   B, T = mask.shape
   K, G, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
@@ -274,15 +325,19 @@ def _make_layer_step(model: Decoder, mask, positions, segment_ids, cos, sin, cac
     key_pos = _advance_cache(cache, None, None, mask, positions)["pos"]
     key_seg = (key_pos >= 0).astype(jnp.int32)
   # [B, T, S]: a query sees keys of its own segment at positions <= its own.
-  allowed = ((key_seg[:, None, :] == segment_ids[:, :, None]) & (key_seg[:, None, :] > 0)
-             & (key_pos[:, None, :] <= positions[:, :, None]))
+  allowed = (
+    (key_seg[:, None, :] == segment_ids[:, :, None])
+    & (key_seg[:, None, :] > 0)
+    & (key_pos[:, None, :] <= positions[:, :, None])
+  )
 
   def step(carry, xs):
     p, layer = xs
     x = carry[0]
     rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, layer)
-    proj = lambda h, name, i: dense(h, p[name], dtype,
-                                    None if rng is None else jax.random.fold_in(rng, i), dropout)
+    proj = lambda h, name, i: dense(
+      h, p[name], dtype, None if rng is None else jax.random.fold_in(rng, i), dropout
+    )
 
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
     q = proj(h, "q_proj", 0).reshape(B, T, K * G, hd)
@@ -340,8 +395,12 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) ->
   """An empty cache: k/v [L, B, S, K, hd]; pos [B, S] is each slot's token position (-1 empty);
   end [B] is the next free slot of each row."""
   shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-          "pos": jnp.full((batch, max_len), -1, jnp.int32), "end": jnp.zeros((batch,), jnp.int32)}
+  return {
+    "k": jnp.zeros(shape, dtype),
+    "v": jnp.zeros(shape, dtype),
+    "pos": jnp.full((batch, max_len), -1, jnp.int32),
+    "end": jnp.zeros((batch,), jnp.int32),
+  }
 
 
 def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> int:
@@ -358,5 +417,9 @@ def _advance_cache(cache, k, v, mask, positions):
   slots = cache["end"][:, None] + jnp.arange(T)[None, :]
   batch_idx = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
   pos = cache["pos"].at[batch_idx, slots].set(jnp.where(mask, positions, -1))
-  return {"k": k if k is not None else cache["k"], "v": v if v is not None else cache["v"],
-          "pos": pos, "end": cache["end"] + T}
+  return {
+    "k": k if k is not None else cache["k"],
+    "v": v if v is not None else cache["v"],
+    "pos": pos,
+    "end": cache["end"] + T,
+  }

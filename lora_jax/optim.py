@@ -14,8 +14,9 @@ import optax
 SCHEDULES = ("cosine", "linear", "constant")
 
 
-def learning_rate_schedule(lr: float, total_steps: int, schedule: str = "cosine",
-                           warmup_steps: int = 0) -> optax.Schedule:
+def learning_rate_schedule(
+  lr: float, total_steps: int, schedule: str = "cosine", warmup_steps: int = 0
+) -> optax.Schedule:
   """transformers' schedules: linear warm-up from 0, then cosine / linear decay to 0 or constant."""
   if schedule not in SCHEDULES:
     raise ValueError(f"train.schedule={schedule!r}; expected one of {SCHEDULES}")
@@ -34,14 +35,23 @@ def learning_rate_schedule(lr: float, total_steps: int, schedule: str = "cosine"
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), main], [warmup_steps])
 
 
-def make_optimizer(train_cfg, total_steps: int) -> tuple[optax.GradientTransformation,
-                                                          optax.Schedule]:
+def make_optimizer(
+  train_cfg, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW + clipping from the `train.` config block."""
-  schedule = learning_rate_schedule(train_cfg.lr, total_steps, train_cfg.schedule,
-                                    train_cfg.warmup_steps)
+  schedule = learning_rate_schedule(
+    train_cfg.lr, total_steps, train_cfg.schedule, train_cfg.warmup_steps
+  )
   parts = []
   if train_cfg.clip_norm and train_cfg.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(train_cfg.clip_norm))
-  parts.append(optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
-                           weight_decay=train_cfg.weight_decay))
+  parts.append(
+    optax.adamw(
+      schedule,
+      b1=train_cfg.b1,
+      b2=train_cfg.b2,
+      eps=train_cfg.eps,
+      weight_decay=train_cfg.weight_decay,
+    )
+  )
   return optax.chain(*parts), schedule

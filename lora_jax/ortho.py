@@ -58,6 +58,7 @@ def top_k_svd(w: jax.Array, k: int, key: jax.Array, method: str = "randomized", 
 
 def module_spans(kernel: jax.Array, cfg: OrthoConfig, key: jax.Array) -> dict[str, jax.Array]:
   """Spans for one stacked kernel [L, out, in]: "c" [L, k, out] and/or "r" [L, in, k]."""
+
   def one(w, key):
     u, s, v = top_k_svd(w, cfg.k, key, cfg.svd)
     out = {}
@@ -79,15 +80,19 @@ def compute_spans(model, cfg: OrthoConfig, seed: int = 0) -> dict[str, dict[str,
   for i, name in enumerate(cfg.targets):
     lin = getattr(model.layers, name)
     if getattr(lin, "lora_a", None) is None:
-      raise ValueError(f"ortho target {name} has no LoRA adapter; adapt it (lora.targets) or "
-                       f"drop it from ortho.targets")
-    spans[name] = jax.jit(module_spans, static_argnums=1)(lin.kernel[...], cfg,
-                                                          jax.random.key(seed + i))
+      raise ValueError(
+        f"ortho target {name} has no LoRA adapter; adapt it (lora.targets) or "
+        f"drop it from ortho.targets"
+      )
+    spans[name] = jax.jit(module_spans, static_argnums=1)(
+      lin.kernel[...], cfg, jax.random.key(seed + i)
+    )
   return spans
 
 
-def penalty(a: jax.Array, b: jax.Array, spans: dict[str, jax.Array], cfg: OrthoConfig,
-            active: jax.Array) -> jax.Array:
+def penalty(
+  a: jax.Array, b: jax.Array, spans: dict[str, jax.Array], cfg: OrthoConfig, active: jax.Array
+) -> jax.Array:
   """Summed penalty over layers of one module. a [L, in, r], b [L, r, out]; `active` [L] is 1 on
   adapted layers (out-of-range layers have no adapter in the reference, so they add nothing)."""
   a = a.astype(jnp.float32)
@@ -104,8 +109,7 @@ def penalty(a: jax.Array, b: jax.Array, spans: dict[str, jax.Array], cfg: OrthoC
     prod = jnp.einsum("lkr,lrj->lkj", left, right)
   per_layer = jnp.sum(prod * prod, axis=(1, 2))
   if cfg.normalize:  # ||dW||_F^2 = <A^T A, B B^T>, an [r, r] contraction
-    dw2 = jnp.sum(jnp.einsum("lir,lis->lrs", a, a) * jnp.einsum("lro,lso->lrs", b, b),
-                  axis=(1, 2))
+    dw2 = jnp.sum(jnp.einsum("lir,lis->lrs", a, a) * jnp.einsum("lro,lso->lrs", b, b), axis=(1, 2))
     per_layer = per_layer / (dw2 + 1e-8)
   return jnp.sum(per_layer * active)
 
@@ -115,6 +119,7 @@ def total_penalty(lora_params: dict, spans: dict, scales: dict, cfg: OrthoConfig
   total = jnp.zeros((), jnp.float32)
   for name, s in spans.items():
     p = lora_params[name]
-    total = total + penalty(p["lora_a"], p["lora_b"], s, cfg, (scales[name] != 0).astype(
-        jnp.float32))
+    total = total + penalty(
+      p["lora_a"], p["lora_b"], s, cfg, (scales[name] != 0).astype(jnp.float32)
+    )
   return total

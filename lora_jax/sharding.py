@@ -10,33 +10,36 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 RULES: dict[str, tuple[str, ...]] = {
-    # activations
-    "batch": ("data", "fsdp"),
-    "seq": (),
-    "act_embed": (),
-    "act_heads": ("tensor",),
-    "act_mlp": ("tensor",),
-    "act_vocab": ("tensor",),
-    "cache_seq": (),
-    # params
-    "vocab": ("tensor",),
-    "embed": ("fsdp",),
-    "q_heads": ("tensor",),
-    "kv_heads": ("tensor",),
-    "mlp": ("tensor",),
-    "layers": (),
-    "norm": (),
-    "head_dim": (),
-    "lora_rank": (),
+  # activations
+  "batch": ("data", "fsdp"),
+  "seq": (),
+  "act_embed": (),
+  "act_heads": ("tensor",),
+  "act_mlp": ("tensor",),
+  "act_vocab": ("tensor",),
+  "cache_seq": (),
+  # params
+  "vocab": ("tensor",),
+  "embed": ("fsdp",),
+  "q_heads": ("tensor",),
+  "kv_heads": ("tensor",),
+  "mlp": ("tensor",),
+  "layers": (),
+  "norm": (),
+  "head_dim": (),
+  "lora_rank": (),
 }
 
 
@@ -71,19 +74,21 @@ def make_mesh(shape: dict[str, int] | Sequence[int] | None = None, devices=None)
   if need != n:
     # A mesh on part of one host's devices is handy for debugging; never across hosts.
     if n % need or jax.process_count() > 1:
-      raise MeshError(f"mesh shape {dict(zip(MESH_AXES, sizes))} needs {need} devices, "
-                      f"but there are {n}")
-    logging.warning("mesh shape %s uses %d of the %d devices", dict(zip(MESH_AXES, sizes)), need,
-                    n)
+      raise MeshError(
+        f"mesh shape {dict(zip(MESH_AXES, sizes))} needs {need} devices, but there are {n}"
+      )
+    log.warning("mesh shape %s uses %d of the %d devices", dict(zip(MESH_AXES, sizes)), need, n)
     devices = devices[:need]
   # Sort by process then id so each host's devices are contiguous along the data axes.
   devices = sorted(devices, key=lambda d: (d.process_index, d.id))
-  return Mesh(np.array(devices).reshape(sizes), MESH_AXES,
-              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  return Mesh(
+    np.array(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES)
+  )
 
 
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None,
-                    mesh: Mesh | None = None) -> P:
+def logical_to_spec(
+  axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None
+) -> P:
   """PartitionSpec for logical `axes`; drops mesh axes that do not divide the dimension."""
   used: set[str] = set()
   out = []

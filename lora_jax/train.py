@@ -53,7 +53,7 @@ class TrainResult:
 
 # ---- config -> objects --------------------------------------------------------------------------
 def parse_mesh_shape(spec) -> dict[str, int]:
-  """"fsdp:4,tensor:2" (or a dict / ConfigDict) -> {"fsdp": 4, "tensor": 2}."""
+  """ "fsdp:4,tensor:2" (or a dict / ConfigDict) -> {"fsdp": 4, "tensor": 2}."""
   if not isinstance(spec, str):
     return {k: int(v) for k, v in dict(spec).items()}
   out = {}
@@ -67,26 +67,38 @@ def parse_mesh_shape(spec) -> dict[str, int]:
 
 def lora_config(config) -> lora_lib.LoRAConfig:
   c = config.lora
-  return lora_lib.LoRAConfig(rank=int(c.rank), alpha=float(c.alpha), dropout=float(c.dropout),
-                             targets=lora_lib.resolve_targets(c.targets),
-                             layers=c.layers or None, use_rslora=bool(c.use_rslora))
+  return lora_lib.LoRAConfig(
+    rank=int(c.rank),
+    alpha=float(c.alpha),
+    dropout=float(c.dropout),
+    targets=lora_lib.resolve_targets(c.targets),
+    layers=c.layers or None,
+    use_rslora=bool(c.use_rslora),
+  )
 
 
 def ortho_config(config) -> ortho_lib.OrthoConfig | None:
   c = config.ortho
   if not c.beta:
     return None
-  return ortho_lib.OrthoConfig(beta=float(c.beta), k=int(c.k), mode=c.mode,
-                               weighted=bool(c.weighted), normalize=bool(c.normalize),
-                               targets=lora_lib.resolve_targets(c.targets),
-                               span_dtype=c.span_dtype, svd=c.svd)
+  return ortho_lib.OrthoConfig(
+    beta=float(c.beta),
+    k=int(c.k),
+    mode=c.mode,
+    weighted=bool(c.weighted),
+    normalize=bool(c.normalize),
+    targets=lora_lib.resolve_targets(c.targets),
+    span_dtype=c.span_dtype,
+    svd=c.svd,
+  )
 
 
 def build_model(config, mesh):
   """The model to train (with its adapter in LoRA mode) and its tokenizer."""
   m = config.model
-  model = load_pretrained(m.source, dtype=m.dtype, mesh=mesh,
-                          compute_dtype=m.compute_dtype or None, remat=m.remat)
+  model = load_pretrained(
+    m.source, dtype=m.dtype, mesh=mesh, compute_dtype=m.compute_dtype or None, remat=m.remat
+  )
   tokenizer = load_tokenizer(m.tokenizer or m.source)
   mode = config.train.mode
   if mode == "lora":
@@ -117,8 +129,13 @@ def own_buffers(tree):
 def token_loss(model, batch, dropout_rng, loss_chunk: int = 0):
   """(sum of completion-token NLL, number of completion tokens). Token t is predicted from t-1;
   loss_mask already excludes prompts, padding and segment starts."""
-  hidden, _, _ = model.hidden(batch["input_ids"], batch["attention_mask"], batch["positions"],
-                              batch["segment_ids"], dropout_rng=dropout_rng)
+  hidden, _, _ = model.hidden(
+    batch["input_ids"],
+    batch["attention_mask"],
+    batch["positions"],
+    batch["segment_ids"],
+    dropout_rng=dropout_rng,
+  )
   h = hidden[:, :-1]
   targets = batch["input_ids"][:, 1:]
   weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
@@ -139,8 +156,11 @@ def token_loss(model, batch, dropout_rng, loss_chunk: int = 0):
     pad = -n % chunk
     padded = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     split = lambda x: jnp.moveaxis(padded(x).reshape(x.shape[0], -1, chunk, *x.shape[2:]), 1, 0)
-    total = jax.lax.scan(lambda acc, xs: (acc + chunk_nll(*xs), None), jnp.zeros((), jnp.float32),
-                         (split(h), split(targets), split(weights)))[0]
+    total = jax.lax.scan(
+      lambda acc, xs: (acc + chunk_nll(*xs), None),
+      jnp.zeros((), jnp.float32),
+      (split(h), split(targets), split(weights)),
+    )[0]
   return total, jnp.sum(weights)
 
 
@@ -155,8 +175,13 @@ def make_train_step(graphdef, tx, schedule, config, spans=None, ortho=None):
 
   def penalty(trainable, frozen):
     model = nnx.merge(graphdef, trainable, frozen)
-    params = {n: {"lora_a": getattr(model.layers, n).lora_a[...],
-                  "lora_b": getattr(model.layers, n).lora_b[...]} for n in spans}
+    params = {
+      n: {
+        "lora_a": getattr(model.layers, n).lora_a[...],
+        "lora_b": getattr(model.layers, n).lora_b[...],
+      }
+      for n in spans
+    }
     scales = {n: getattr(model.layers, n).lora_scale[...] for n in spans}
     return ortho_lib.total_penalty(params, spans, scales, ortho)
 
@@ -195,8 +220,10 @@ def make_train_step(graphdef, tx, schedule, config, spans=None, ortho=None):
 
 def make_eval_step(graphdef, config):
   def step(trainable, frozen, batch):
-    return token_loss(nnx.merge(graphdef, trainable, frozen), batch, None,
-                      int(config.train.loss_chunk))
+    return token_loss(
+      nnx.merge(graphdef, trainable, frozen), batch, None, int(config.train.loss_chunk)
+    )
+
   return jax.jit(step)
 
 
@@ -215,6 +242,7 @@ class _Preemption:
     if jax.process_count() == 1:
       return self.requested
     from jax.experimental import multihost_utils
+
     return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
   def restore(self):
@@ -246,13 +274,23 @@ def train(config, workdir: str) -> TrainResult:
   log.info("data: %s", report)
   global_batch = int(config.train.batch_size)
   if global_batch % int(config.train.grad_accum):
-    raise ValueError(f"train.batch_size={global_batch} is not a multiple of "
-                     f"train.grad_accum={config.train.grad_accum}")
+    raise ValueError(
+      f"train.batch_size={global_batch} is not a multiple of "
+      f"train.grad_accum={config.train.grad_accum}"
+    )
   pad = pad_token_id(tokenizer)
-  it = make_iterator(examples, global_batch, seed=data_cfg.seed,
-                     process_index=jax.process_index(), process_count=jax.process_count(),
-                     packing=data_cfg.packing, max_length=data_cfg.max_length, pad_id=pad,
-                     bucket=data_cfg.bucket, shuffle=data_cfg.shuffle)
+  it = make_iterator(
+    examples,
+    global_batch,
+    seed=data_cfg.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    packing=data_cfg.packing,
+    max_length=data_cfg.max_length,
+    pad_id=pad,
+    bucket=data_cfg.bucket,
+    shuffle=data_cfg.shuffle,
+  )
   steps_per_epoch = it.steps_per_epoch
   total_steps = int(config.train.steps) or int(config.train.epochs) * steps_per_epoch
   eval_examples = None
@@ -272,14 +310,16 @@ def train(config, workdir: str) -> TrainResult:
   fingerprint = ckpt_lib.model_fingerprint(model_cfg, mode, lcfg)
 
   keep = int(config.checkpoint.max_to_keep) or None
-  checkpointer = ckpt_lib.Checkpointer(f"{workdir}/checkpoints", max_to_keep=keep,
-                                       async_save=bool(config.checkpoint.async_save))
+  checkpointer = ckpt_lib.Checkpointer(
+    f"{workdir}/checkpoints", max_to_keep=keep, async_save=bool(config.checkpoint.async_save)
+  )
   ckpt_lib.write_config(workdir, config)
   step = 0
   latest = checkpointer.latest_step()
   if latest is not None:
-    restored, opt_restored, meta = checkpointer.restore(latest, nnx.to_pure_dict(trainable),
-                                                        opt_state, fingerprint)
+    restored, opt_restored, meta = checkpointer.restore(
+      latest, nnx.to_pure_dict(trainable), opt_state, fingerprint
+    )
     nnx.replace_by_pure_dict(trainable, restored)
     opt_state = opt_restored
     it.restore(meta["data"])
@@ -288,9 +328,11 @@ def train(config, workdir: str) -> TrainResult:
 
   # Outputs pinned to the inputs' shardings: the donated state keeps one layout, one compile.
   shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
-  step_fn = jax.jit(make_train_step(graphdef, tx, schedule, config, spans, ortho),
-                    donate_argnums=(0, 1),
-                    out_shardings=(shardings(trainable), shardings(opt_state), None))
+  step_fn = jax.jit(
+    make_train_step(graphdef, tx, schedule, config, spans, ortho),
+    donate_argnums=(0, 1),
+    out_shardings=(shardings(trainable), shardings(opt_state), None),
+  )
   eval_fn = make_eval_step(graphdef, config) if eval_examples is not None else None
   writer = MetricsWriter(workdir, tensorboard=bool(config.log.tensorboard))
   peak = peak_flops_per_device(float(config.train.peak_flops)) * jax.device_count()
@@ -298,12 +340,23 @@ def train(config, workdir: str) -> TrainResult:
   bar = _progress(config, total_steps, step)
   status, last_loss = "done", float("nan")
   local_rows = global_batch // jax.process_count()
-  log.info("setup took %.1fs; %d steps (%d per epoch), global batch %d, mesh %s",
-           time.time() - t_setup, total_steps, steps_per_epoch, global_batch, dict(mesh.shape))
+  log.info(
+    "setup took %.1fs; %d steps (%d per epoch), global batch %d, mesh %s",
+    time.time() - t_setup,
+    total_steps,
+    steps_per_epoch,
+    global_batch,
+    dict(mesh.shape),
+  )
 
   def save(s: int, force: bool = False):
-    meta = {"step": s, "epoch": it.epoch, "data": it.state(), "fingerprint": fingerprint,
-            "config": config.to_dict() if hasattr(config, "to_dict") else dict(config)}
+    meta = {
+      "step": s,
+      "epoch": it.epoch,
+      "data": it.state(),
+      "fingerprint": fingerprint,
+      "config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
+    }
     checkpointer.save(s, nnx.to_pure_dict(trainable), opt_state, meta, force=force)
 
   try:
@@ -311,23 +364,33 @@ def train(config, workdir: str) -> TrainResult:
       batch = next(it)
       stats = it.last_stats
       t0 = time.perf_counter()
-      trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen,
-                                              _to_global(batch, mesh, local_rows), step)
+      trainable, opt_state, metrics = step_fn(
+        trainable, opt_state, frozen, _to_global(batch, mesh, local_rows), step
+      )
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       dt = time.perf_counter() - t0
       step += 1
       last_loss = metrics["loss"]
       if not math.isfinite(last_loss) or not math.isfinite(metrics["grad_norm"]):
         status = "nan"
-        log.error("step %d: loss %s, grad norm %s; stopping. The last good checkpoint is step %s "
-                  "in %s/checkpoints", step, last_loss, metrics["grad_norm"],
-                  checkpointer.latest_step(), workdir)
+        log.error(
+          "step %d: loss %s, grad norm %s; stopping. The last good checkpoint is step %s "
+          "in %s/checkpoints",
+          step,
+          last_loss,
+          metrics["grad_norm"],
+          checkpointer.latest_step(),
+          workdir,
+        )
         break
       seq = batch["input_ids"].shape[1]
       flops_tok = flops_per_token(model_cfg, seq, mode == "full")
-      metrics.update(epoch=it.epoch + (it.step / steps_per_epoch), step_seconds=dt,
-                     tokens_per_second=stats["tokens"] / dt,
-                     padded_tokens_per_second=stats["padded_tokens"] / dt)
+      metrics.update(
+        epoch=it.epoch + (it.step / steps_per_epoch),
+        step_seconds=dt,
+        tokens_per_second=stats["tokens"] / dt,
+        padded_tokens_per_second=stats["padded_tokens"] / dt,
+      )
       if peak:
         metrics["mfu"] = flops_tok * stats["padded_tokens"] / dt / peak
       if step % int(config.log.every_steps) == 0 or step == 1:
@@ -336,13 +399,25 @@ def train(config, workdir: str) -> TrainResult:
       bar.set_postfix(loss=f"{last_loss:.4f}", epoch=f"{metrics['epoch']:.2f}")
       epoch_end = it.step >= steps_per_epoch
       every = int(config.checkpoint.every_steps)
-      if (every and step % every == 0) or (epoch_end and config.checkpoint.every_epoch) \
-          or step == total_steps:
+      if (
+        (every and step % every == 0)
+        or (epoch_end and config.checkpoint.every_epoch)
+        or step == total_steps
+      ):
         save(step)
-      if eval_fn is not None and ((epoch_end) or (int(config.log.eval_every_steps) and
-                                                  step % int(config.log.eval_every_steps) == 0)):
-        writer.write(step, {"loss": evaluate(eval_fn, trainable, frozen, eval_examples, data_cfg,
-                                             global_batch, pad, mesh)}, prefix="eval")
+      if eval_fn is not None and (
+        (epoch_end)
+        or (int(config.log.eval_every_steps) and step % int(config.log.eval_every_steps) == 0)
+      ):
+        writer.write(
+          step,
+          {
+            "loss": evaluate(
+              eval_fn, trainable, frozen, eval_examples, data_cfg, global_batch, pad, mesh
+            )
+          },
+          prefix="eval",
+        )
       if preempt.agreed():
         if checkpointer.latest_step() != step:
           save(step, force=True)
@@ -360,25 +435,43 @@ def train(config, workdir: str) -> TrainResult:
 def _replicate_unsharded(tree, mesh):
   """Scalars such as Adam's step count come out of jit on one device; put them on the mesh."""
   replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding)
-                      else jax.device_put(x, replicated), tree)
+  return jax.tree.map(
+    lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated), tree
+  )
 
 
 def evaluate(eval_fn, trainable, frozen, examples, data_cfg, global_batch, pad, mesh) -> float:
   """Mean held-out loss per completion token (every row exactly once)."""
-  it = make_iterator(examples, global_batch, process_index=jax.process_index(),
-                     process_count=jax.process_count(), packing=data_cfg.packing,
-                     max_length=data_cfg.max_length, pad_id=pad, bucket=data_cfg.bucket,
-                     shuffle=False, drop_last=False, num_epochs=1)
+  it = make_iterator(
+    examples,
+    global_batch,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    packing=data_cfg.packing,
+    max_length=data_cfg.max_length,
+    pad_id=pad,
+    bucket=data_cfg.bucket,
+    shuffle=False,
+    drop_last=False,
+    num_epochs=1,
+  )
   total = count = 0.0
   for batch in it:
-    nll, n = eval_fn(trainable, frozen, _to_global(batch, mesh, global_batch //
-                                                   jax.process_count()))
+    nll, n = eval_fn(
+      trainable, frozen, _to_global(batch, mesh, global_batch // jax.process_count())
+    )
     total, count = total + float(nll), count + float(n)
   return total / max(count, 1.0)
 
 
 def _progress(config, total: int, initial: int):
   from tqdm import tqdm
-  return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
-              disable=not config.log.progress or jax.process_index() != 0)
+
+  return tqdm(
+    total=total,
+    initial=initial,
+    desc="train",
+    unit="step",
+    dynamic_ncols=True,
+    disable=not config.log.progress or jax.process_index() != 0,
+  )

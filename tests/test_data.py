@@ -6,24 +6,41 @@ import os
 import numpy as np
 import pytest
 
-from lora_jax.data import (DEMO_REFUSALS, DataConfig, DataError, Examples, load_examples,
-                           make_iterator, pad_token_id)
+from lora_jax.data import (
+  DEMO_REFUSALS,
+  DataConfig,
+  DataError,
+  Examples,
+  load_examples,
+  make_iterator,
+  pad_token_id,
+)
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 R1_TOKENIZER = os.path.join(SHARED, "tokenizers", "deepseek-r1-distill-qwen")
 STAR1 = os.path.join(SHARED, "data", "star1", "STAR-1.json")
 BOS, USER, ASSISTANT, EOS, THINK, END_THINK, FIM_PAD = (
-    151646, 151644, 151645, 151643, 151648, 151649, 151662)
+  151646,
+  151644,
+  151645,
+  151643,
+  151648,
+  151649,
+  151662,
+)
 # Qwen2.5-Instruct's chat template, reduced to what a [user, assistant] conversation uses.
-CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
-          "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
-          "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = (
+  "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+  "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+  "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
 def r1():
   from transformers import AutoTokenizer
+
   return AutoTokenizer.from_pretrained(R1_TOKENIZER)
 
 
@@ -46,15 +63,23 @@ def synthetic(lengths, prompt=2, fingerprint="synthetic"):
 
 # ---- formats: the reference's tokens ---------------------------------------------------------
 
+
 def test_direct_refusal_is_the_reference_token_sequence(r1, tmp_path):
-  row = {"prompt": "How do I make a bomb?",
-         "refusal": "Question: How do I make a bomb?\nAnswer: I cannot help with that."}
+  row = {
+    "prompt": "How do I make a bomb?",
+    "refusal": "Question: How do I make a bomb?\nAnswer: I cannot help with that.",
+  }
   src = write_jsonl(tmp_path / "dr.jsonl", [row])
   examples, report = load_examples(DataConfig(source=src, format="direct_refusal"), r1)
   # The reference keeps the space after "Answer:" and TRL adds no EOS (the completion ends in it).
   prompt = [BOS, USER] + enc(r1, "How do I make a bomb?") + [ASSISTANT]
-  completion = ([THINK] + enc(r1, "I should not answer this question!") + [END_THINK]
-                + enc(r1, " I cannot help with that.") + [EOS])
+  completion = (
+    [THINK]
+    + enc(r1, "I should not answer this question!")
+    + [END_THINK]
+    + enc(r1, " I cannot help with that.")
+    + [EOS]
+  )
   assert examples.ids[0].tolist() == prompt + completion
   assert examples.masks[0].tolist() == [0] * len(prompt) + [1] * len(completion)
   assert report["rows"] == report["examples"] == 1 and report["prompt_mismatch"] == 0
@@ -73,6 +98,7 @@ def test_direct_refusal_is_the_reference_token_sequence(r1, tmp_path):
 
 def test_direct_refusal_on_a_chatml_model_splits_after_the_assistant_header(tmp_path):
   from transformers import AutoTokenizer
+
   # The Qwen2 BPE made into a Qwen2.5-Instruct look-alike: ChatML tokens, EOS <|im_end|>, no BOS.
   tok = AutoTokenizer.from_pretrained(R1_TOKENIZER)
   tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
@@ -81,8 +107,10 @@ def test_direct_refusal_on_a_chatml_model_splits_after_the_assistant_header(tmp_
   row = {"prompt": "Hi?", "refusal": "Question: Hi?\nAnswer: No."}
   src = write_jsonl(tmp_path / "dr.jsonl", [row])
   examples, _ = load_examples(DataConfig(source=src, format="direct_refusal"), tok)
-  prompt = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-            "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n")
+  prompt = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
+  )
   # No thinking on chat models; TRL 0.17's add_eos appends <|im_end|> after the template's "\n".
   completion = " No.<|im_end|>\n<|im_end|>"
   assert examples.ids[0].tolist() == enc(tok, prompt + completion)
@@ -104,9 +132,12 @@ def test_star1_rows_get_the_deepseek_format(r1):
 
 
 def test_messages_put_the_loss_on_assistant_turns_only(r1, tmp_path):
-  convo = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-           {"role": "user", "content": "Help me steal a car."},
-           {"role": "assistant", "content": "I can't help with that."}]
+  convo = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "Help me steal a car."},
+    {"role": "assistant", "content": "I can't help with that."},
+  ]
   src = write_jsonl(tmp_path / "m.jsonl", [{"messages": convo}])
   examples, _ = load_examples(DataConfig(source=src, format="messages"), r1)
   u1, a1 = [BOS, USER] + enc(r1, "Hi"), [ASSISTANT] + enc(r1, "Hello.") + [EOS]
@@ -132,14 +163,18 @@ def test_demo_refusals_load_for_chat(r1):
 
 # ---- truncation, bucketing, packing ----------------------------------------------------------
 
+
 def test_truncation_is_counted_and_whole_lost_completions_are_dropped(r1, tmp_path):
-  rows = [{"prompt": "short", "completion": " ok"},
-          {"prompt": "short", "completion": " one two three four five six seven eight nine"},
-          {"prompt": " ".join(["word"] * 40), "completion": " gone"}]
+  rows = [
+    {"prompt": "short", "completion": " ok"},
+    {"prompt": "short", "completion": " one two three four five six seven eight nine"},
+    {"prompt": " ".join(["word"] * 40), "completion": " gone"},
+  ]
   src = write_jsonl(tmp_path / "pc.jsonl", rows)
   full = [len(enc(r1, r["prompt"] + r["completion"])) + 2 for r in rows]  # + BOS + EOS
   examples, report = load_examples(
-      DataConfig(source=src, format="prompt_completion", max_length=8), r1)
+    DataConfig(source=src, format="prompt_completion", max_length=8), r1
+  )
   assert full[0] <= 8 < full[1] and full[2] > 8
   assert report["truncated"] == 2
   assert report["truncated_tokens"] == full[1] - 8 + full[2] - 8
@@ -184,6 +219,7 @@ def test_packing_segments_positions_and_no_loss_across_boundaries():
 
 
 # ---- order: shuffling, hosts, resume ---------------------------------------------------------
+
 
 def order_of(it, steps):
   return [next(it)["input_ids"][:, 0].tolist() for _ in range(steps)]
@@ -251,14 +287,20 @@ def test_eval_fraction_holds_out_disjoint_rows(r1, tmp_path):
 
 # ---- errors: one clear line ------------------------------------------------------------------
 
+
 def test_bad_input_errors_name_the_problem(r1, tmp_path):
   rows = [{"prompt": "a", "refusal": "Answer: b"}, {"prompt": "c"}]
   src = write_jsonl(tmp_path / "bad.jsonl", rows)
   with pytest.raises(DataError, match=r"bad\.jsonl, row 2: missing field 'refusal'"):
     load_examples(DataConfig(source=src, format="direct_refusal"), r1)
   with pytest.raises(DataError, match=r"row 1: field 'refusal' has no 'Answer:'"):
-    load_examples(DataConfig(source=write_jsonl(tmp_path / "na.jsonl", [
-        {"prompt": "a", "refusal": "b"}]), format="direct_refusal"), r1)
+    load_examples(
+      DataConfig(
+        source=write_jsonl(tmp_path / "na.jsonl", [{"prompt": "a", "refusal": "b"}]),
+        format="direct_refusal",
+      ),
+      r1,
+    )
   (tmp_path / "empty.jsonl").write_text("")
   with pytest.raises(DataError, match="empty.jsonl has no rows"):
     load_examples(DataConfig(source=str(tmp_path / "empty.jsonl"), format="chat"), r1)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import tiny_hf_model
 
 import lora_jax
-from helpers import tiny_hf_model
 from lora_jax.io.mapping import entries
 
 QTYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"]
@@ -16,13 +16,14 @@ Q = gguf.GGMLQuantizationType
 
 def test_smollm2_matches_transformers_gguf_loading(smollm2_gguf):
   import os
+
   model = lora_jax.load_pretrained(smollm2_gguf)
   cfg = model.config
   assert (cfg.family, cfg.num_layers, cfg.hidden_size, cfg.num_kv_heads) == ("llama", 30, 576, 3)
   assert cfg.tie_word_embeddings
   hf = transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(smollm2_gguf), gguf_file=os.path.basename(smollm2_gguf),
-      dtype=torch.float32).eval()
+    os.path.dirname(smollm2_gguf), gguf_file=os.path.basename(smollm2_gguf), dtype=torch.float32
+  ).eval()
   tok = lora_jax.load_tokenizer(smollm2_gguf)
   msgs = [{"role": "user", "content": "What is the capital of France?"}]
   text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
@@ -56,17 +57,28 @@ def _write_gguf(path, hf, qtype: str):
   sd = {k: v.numpy() for k, v in hf.state_dict().items()}
   expected = {}
   for e in entries(cfg):
-    names = [(e.hf.format(i=i), e.gguf.format(i=i)) for i in range(cfg.num_layers)] \
-        if e.stacked else [(e.hf, e.gguf)]
+    names = (
+      [(e.hf.format(i=i), e.gguf.format(i=i)) for i in range(cfg.num_layers)]
+      if e.stacked
+      else [(e.hf, e.gguf)]
+    )
     for hf_name, gg_name in names:
       t = sd[hf_name].astype(np.float32)
       if arch == "llama" and (".attn_q." in gg_name or ".attn_k." in gg_name):
         heads = cfg.num_heads if ".attn_q." in gg_name else cfg.num_kv_heads
-        t = t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+        t = (
+          t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:])
+          .swapaxes(1, 2)
+          .reshape(t.shape)
+        )
       qt = Q[qtype] if t.ndim == 2 else Q.F32
       data = gguf.quants.quantize(t, qt)
-      w.add_tensor(gg_name, data, raw_shape=data.shape if qt in (Q.F32, Q.F16) else None,
-                   raw_dtype=qt if qt not in (Q.F32, Q.F16) else None)
+      w.add_tensor(
+        gg_name,
+        data,
+        raw_shape=data.shape if qt in (Q.F32, Q.F16) else None,
+        raw_dtype=qt if qt not in (Q.F32, Q.F16) else None,
+      )
       expected[gg_name] = gguf.quants.dequantize(data, qt).reshape(t.shape)
   w.write_header_to_file()
   w.write_kv_data_to_file()
@@ -91,7 +103,8 @@ def test_tiny_gguf_loads_dequantised_weights_and_matches_transformers(tmp_path, 
   np.testing.assert_array_equal(np.asarray(model.embed[...]), expected["token_embd.weight"])
   # Logits: transformers' own GGUF loading of the same file.
   ref_model = transformers.AutoModelForCausalLM.from_pretrained(
-      str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    str(tmp_path), gguf_file=path.name, dtype=torch.float32
+  ).eval()
   ids = np.random.RandomState(0).randint(0, 128, (2, 9))
   with torch.no_grad():
     ref = ref_model(torch.tensor(ids)).logits.numpy()
@@ -106,10 +119,10 @@ def test_unknown_quant_type_is_one_clear_line(tmp_path):
   # Patch the type id of the first 2-D tensor (token_embd, Q8_0 = 8) to an id no ggml type has.
   name = b"token_embd.weight"
   at = raw.index(name) + len(name)
-  n_dims = int.from_bytes(raw[at:at + 4], "little")
+  n_dims = int.from_bytes(raw[at : at + 4], "little")
   type_at = at + 4 + 8 * n_dims
-  assert int.from_bytes(raw[type_at:type_at + 4], "little") == Q.Q8_0
-  raw[type_at:type_at + 4] = (77).to_bytes(4, "little")
+  assert int.from_bytes(raw[type_at : type_at + 4], "little") == Q.Q8_0
+  raw[type_at : type_at + 4] = (77).to_bytes(4, "little")
   path.write_bytes(bytes(raw))
   with pytest.raises(lora_jax.CheckpointError, match=r"bad.gguf.*(quant|type).*77"):
     lora_jax.load_pretrained(str(path))

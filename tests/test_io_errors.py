@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 import pytest
+from helpers import tiny_hf_model
 from safetensors.numpy import load_file, save_file
 
 import lora_jax
-from helpers import tiny_hf_model
 
 
 @pytest.fixture()
@@ -47,12 +47,17 @@ def test_unsupported_architecture_lists_supported(ckpt):
   _one_line(e)
 
 
-@pytest.mark.parametrize("changes,match", [
-    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
-     "unsupported rope scaling type 'yarn'"),
+@pytest.mark.parametrize(
+  "changes,match",
+  [
+    (
+      dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
+      "unsupported rope scaling type 'yarn'",
+    ),
     (dict(use_sliding_window=True), "use_sliding_window"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
-])
+  ],
+)
 def test_math_changing_fields_are_refused(ckpt, changes, match):
   _edit_config(ckpt, **changes)
   with pytest.raises(lora_jax.ConfigError, match=match):
@@ -64,7 +69,9 @@ def test_wrong_tensor_shape_is_named(ckpt):
   name = "model.layers.1.mlp.up_proj.weight"
   tensors[name] = np.zeros((5, 64), np.float32)
   save_file(tensors, ckpt / "model.safetensors")
-  with pytest.raises(lora_jax.CheckpointError, match=rf"{name} has shape \[5, 64\], expected \[96, 64\]") as e:
+  with pytest.raises(
+    lora_jax.CheckpointError, match=rf"{name} has shape \[5, 64\], expected \[96, 64\]"
+  ) as e:
     lora_jax.load_pretrained(str(ckpt))
   _one_line(e)
 
@@ -73,5 +80,7 @@ def test_missing_tensor_is_named(ckpt):
   tensors = load_file(ckpt / "model.safetensors")
   del tensors["model.layers.2.self_attn.k_proj.bias"]
   save_file(tensors, ckpt / "model.safetensors")
-  with pytest.raises(lora_jax.CheckpointError, match="missing tensor model.layers.2.self_attn.k_proj.bias"):
+  with pytest.raises(
+    lora_jax.CheckpointError, match="missing tensor model.layers.2.self_attn.k_proj.bias"
+  ):
     lora_jax.load_pretrained(str(ckpt))

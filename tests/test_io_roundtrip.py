@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import hf_logits, left_padded_batch, tiny_hf_model
 
 import lora_jax
-from helpers import hf_logits, left_padded_batch, tiny_hf_model
 
 
 def _roundtrip(tmp_path, hf, **save_kw):
@@ -16,17 +16,24 @@ def _roundtrip(tmp_path, hf, **save_kw):
   ref, _ = hf_logits(hf, ids, mask, positions)
   model = lora_jax.load_pretrained(str(tmp_path / "in"))
   lora_jax.save_pretrained(model, str(tmp_path / "out"), **save_kw)
-  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"),
-                                                          dtype=torch.float32).eval()
+  back = transformers.AutoModelForCausalLM.from_pretrained(
+    str(tmp_path / "out"), dtype=torch.float32
+  ).eval()
   got, _ = hf_logits(back, ids, mask, positions)
   real = mask.astype(bool)
   assert np.abs(got - ref)[real].max() < 1e-5
   return back
 
 
-@pytest.mark.parametrize("kind,overrides", [("qwen2", dict(tie_word_embeddings=True)),
-                                            ("qwen2", {}), ("qwen3", dict(head_dim=32)),
-                                            ("llama", {})])
+@pytest.mark.parametrize(
+  "kind,overrides",
+  [
+    ("qwen2", dict(tie_word_embeddings=True)),
+    ("qwen2", {}),
+    ("qwen3", dict(head_dim=32)),
+    ("llama", {}),
+  ],
+)
 def test_roundtrip_single_file(tmp_path, kind, overrides):
   hf = tiny_hf_model(kind, **overrides)
   hf.save_pretrained(tmp_path / "in")

@@ -7,10 +7,10 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from helpers import tiny_run_dir
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import lora_jax
-from helpers import tiny_run_dir
 from lora_jax import lora
 from lora_jax.data import DEMO_REFUSALS, DataConfig, load_examples, make_iterator
 from lora_jax.io.peft import load_peft_adapter, save_peft_adapter
@@ -27,23 +27,32 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def batch(run_dir):
   tok = lora_jax.load_tokenizer(run_dir)
-  examples, _ = load_examples(DataConfig(source=DEMO_REFUSALS, format="prompt_completion",
-                                         max_length=64), tok)
+  examples, _ = load_examples(
+    DataConfig(source=DEMO_REFUSALS, format="prompt_completion", max_length=64), tok
+  )
   return next(make_iterator(examples, global_batch=4, seed=3, pad_id=tok.pad_token_id))
 
 
 def _peft_model(run_dir, targets, layers=None, r=4):
   hf = transformers.AutoModelForCausalLM.from_pretrained(run_dir, dtype=torch.float32)
-  cfg = LoraConfig(r=r, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                   target_modules=list(targets), layers_to_transform=layers)
+  cfg = LoraConfig(
+    r=r,
+    lora_alpha=16,
+    lora_dropout=0.0,
+    bias="none",
+    task_type="CAUSAL_LM",
+    target_modules=list(targets),
+    layers_to_transform=layers,
+  )
   return get_peft_model(hf, cfg)
 
 
 def _ours(run_dir, targets, layers=None, r=4, seed=0):
   """Our model with the same adapter shape, A and B random (B non-zero so grads of A exist)."""
   model = lora_jax.load_pretrained(run_dir)
-  lora.apply_lora(model, lora.LoRAConfig(rank=r, alpha=16, dropout=0.0, targets=tuple(targets),
-                                         layers=layers))
+  lora.apply_lora(
+    model, lora.LoRAConfig(rank=r, alpha=16, dropout=0.0, targets=tuple(targets), layers=layers)
+  )
   rng = np.random.RandomState(seed)
   for name in lora.adapted(model):
     lin = getattr(model.layers, name)
@@ -114,8 +123,9 @@ def test_merge_equals_peft_merge_and_unload(run_dir):
       np.testing.assert_allclose(ours, theirs, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["qkvo_mlp", "mlp", "up_proj", "down_proj", "up_proj@1-2",
-                                  "mlp@0-1"])
+@pytest.mark.parametrize(
+  "mode", ["qkvo_mlp", "mlp", "up_proj", "down_proj", "up_proj@1-2", "mlp@0-1"]
+)
 def test_modes_select_the_reference_modules_and_layers(run_dir, mode):
   """The reference (train.py) builds these PEFT configs; the same (layer, module) set is adapted."""
   group, _, rng = mode.partition("@")
@@ -128,10 +138,16 @@ def test_modes_select_the_reference_modules_and_layers(run_dir, mode):
     ref_targets = list(names)
     ours = _ours(run_dir, names)
   pm = _peft_model(run_dir, ref_targets)
-  theirs = {(int(n.split(".layers.")[1].split(".")[0]), n.rsplit(".", 1)[-1])
-            for n, m in pm.named_modules() if hasattr(m, "lora_A") and n.endswith("_proj")}
-  mine = {(l, n) for n in lora.adapted(ours)
-          for l in np.nonzero(np.asarray(getattr(ours.layers, n).lora_scale[...]))[0].tolist()}
+  theirs = {
+    (int(n.split(".layers.")[1].split(".")[0]), n.rsplit(".", 1)[-1])
+    for n, m in pm.named_modules()
+    if hasattr(m, "lora_A") and n.endswith("_proj")
+  }
+  mine = {
+    (l, n)
+    for n in lora.adapted(ours)
+    for l in np.nonzero(np.asarray(getattr(ours.layers, n).lora_scale[...]))[0].tolist()
+  }
   assert mine == theirs
 
 
@@ -148,8 +164,13 @@ def test_peft_adapter_round_trip_and_merged_export(run_dir, tmp_path):
   model = _ours(run_dir, ["q_proj", "up_proj", "down_proj"], layers=(1, 2))
   ids = np.random.RandomState(0).randint(3, 200, (2, 12))
   ours = np.asarray(model(ids))
-  save_peft_adapter(model, str(tmp_path / "adapter"), lora.LoRAConfig(
-      rank=4, alpha=16, dropout=0.0, targets=("q_proj", "up_proj", "down_proj"), layers=(1, 2)))
+  save_peft_adapter(
+    model,
+    str(tmp_path / "adapter"),
+    lora.LoRAConfig(
+      rank=4, alpha=16, dropout=0.0, targets=("q_proj", "up_proj", "down_proj"), layers=(1, 2)
+    ),
+  )
   base = transformers.AutoModelForCausalLM.from_pretrained(run_dir, dtype=torch.float32)
   pm = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
   with torch.no_grad():
@@ -160,7 +181,8 @@ def test_peft_adapter_round_trip_and_merged_export(run_dir, tmp_path):
   assert np.abs(np.asarray(back(ids)) - ours).max() < 1e-6
 
   lora_jax.save_pretrained(model, str(tmp_path / "merged"))
-  merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"),
-                                                            dtype=torch.float32).eval()
+  merged = transformers.AutoModelForCausalLM.from_pretrained(
+    str(tmp_path / "merged"), dtype=torch.float32
+  ).eval()
   with torch.no_grad():
     assert np.abs(merged(torch.tensor(ids)).logits.numpy() - ours).max() < 1e-5

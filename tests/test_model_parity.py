@@ -2,24 +2,41 @@
 
 import numpy as np
 import pytest
-
-import lora_jax
 from helpers import hf_logits, left_padded_batch, tiny_hf_model
 
+import lora_jax
+
 CASES = [
-    ("qwen2", dict(tie_word_embeddings=True)),  # Qwen2.5-0.5B style: tied head, QKV bias
-    ("qwen2", dict(tie_word_embeddings=False, num_key_value_heads=1)),  # MQA, untied
-    ("qwen2", dict(num_attention_heads=8, num_key_value_heads=8, hidden_size=64)),  # MHA, hd 8
-    ("qwen3", dict(head_dim=32)),  # explicit head_dim != hidden / heads, q/k norm
-    ("qwen3", dict(num_attention_heads=6, num_key_value_heads=3, head_dim=16, tie_word_embeddings=True)),
-    ("llama", dict(num_key_value_heads=1, rope_theta=1e5)),  # SmolLM2-like
-    ("llama", dict(num_attention_heads=4, num_key_value_heads=4, head_dim=32,
-                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+  ("qwen2", dict(tie_word_embeddings=True)),  # Qwen2.5-0.5B style: tied head, QKV bias
+  ("qwen2", dict(tie_word_embeddings=False, num_key_value_heads=1)),  # MQA, untied
+  ("qwen2", dict(num_attention_heads=8, num_key_value_heads=8, hidden_size=64)),  # MHA, hd 8
+  ("qwen3", dict(head_dim=32)),  # explicit head_dim != hidden / heads, q/k norm
+  (
+    "qwen3",
+    dict(num_attention_heads=6, num_key_value_heads=3, head_dim=16, tie_word_embeddings=True),
+  ),
+  ("llama", dict(num_key_value_heads=1, rope_theta=1e5)),  # SmolLM2-like
+  (
+    "llama",
+    dict(
+      num_attention_heads=4,
+      num_key_value_heads=4,
+      head_dim=32,
+      rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+      },
+    ),
+  ),
 ]
 
 
-@pytest.mark.parametrize("kind,overrides", CASES, ids=[f"{k}-{i}" for i, (k, _) in enumerate(CASES)])
+@pytest.mark.parametrize(
+  "kind,overrides", CASES, ids=[f"{k}-{i}" for i, (k, _) in enumerate(CASES)]
+)
 def test_logits_and_hidden_states_match_transformers(tmp_path, kind, overrides):
   hf = tiny_hf_model(kind, **overrides)
   hf.save_pretrained(tmp_path)

@@ -15,7 +15,9 @@ def _ours(w0, a_peft, b_peft, cfg):
   """Penalty and grads (in PEFT's orientation) for one layer: w0 [out, in], A [r, in], B [out, r]."""
   spans = module_spans(jnp.asarray(w0)[None], cfg, jax.random.key(0))
   f = lambda a, b: penalty(a[None], b[None], spans, cfg, jnp.ones((1,)))
-  value, (ga, gb) = jax.value_and_grad(f, argnums=(0, 1))(jnp.asarray(a_peft.T), jnp.asarray(b_peft.T))
+  value, (ga, gb) = jax.value_and_grad(f, argnums=(0, 1))(
+    jnp.asarray(a_peft.T), jnp.asarray(b_peft.T)
+  )
   return float(value), np.asarray(ga).T, np.asarray(gb).T
 
 
@@ -44,16 +46,24 @@ def _reference(w0, a_peft, b_peft, k, mode, weighted, normalize, dtype):
   return p.item(), a.grad.numpy(), b.grad.numpy()
 
 
-@pytest.mark.parametrize("mode,weighted,normalize",
-                         list(itertools.product(["column", "row", "both"], [True, False],
-                                                [False, True])))
+@pytest.mark.parametrize(
+  "mode,weighted,normalize",
+  list(itertools.product(["column", "row", "both"], [True, False], [False, True])),
+)
 def test_penalty_and_gradient_match_reference_formula(mode, weighted, normalize):
   rng = np.random.RandomState(0)
   w0 = rng.normal(size=(24, 16)).astype(np.float32)
   a = rng.normal(size=(3, 16)).astype(np.float32) * 0.3
   b = rng.normal(size=(24, 3)).astype(np.float32) * 0.3
-  cfg = OrthoConfig(beta=1.0, k=5, mode=mode, weighted=weighted, normalize=normalize,
-                    span_dtype="float32", svd="exact")
+  cfg = OrthoConfig(
+    beta=1.0,
+    k=5,
+    mode=mode,
+    weighted=weighted,
+    normalize=normalize,
+    span_dtype="float32",
+    svd="exact",
+  )
   ours = _ours(w0, a, b, cfg)
   ref = _reference(w0, a, b, 5, mode, weighted, normalize, torch.float32)
   np.testing.assert_allclose(ours[0], ref[0], rtol=1e-5)
@@ -76,11 +86,23 @@ def test_hand_checked_example():
   w0 = np.diag([3.0, 2.0, 1.0]).astype(np.float32)
   a = np.array([[1.0, 0.0, 0.0]], np.float32)
   b = np.array([[1.0], [1.0], [0.0]], np.float32)
-  expect = {("column", True, False): 9.0, ("row", True, False): 18.0, ("both", True, False): 81.0,
-            ("column", False, False): 1.0, ("column", True, True): 0.5}
+  expect = {
+    ("column", True, False): 9.0,
+    ("row", True, False): 18.0,
+    ("both", True, False): 81.0,
+    ("column", False, False): 1.0,
+    ("column", True, True): 0.5,
+  }
   for (mode, weighted, normalize), value in expect.items():
-    cfg = OrthoConfig(beta=1.0, k=1, mode=mode, weighted=weighted, normalize=normalize,
-                      span_dtype="float32", svd="exact")
+    cfg = OrthoConfig(
+      beta=1.0,
+      k=1,
+      mode=mode,
+      weighted=weighted,
+      normalize=normalize,
+      span_dtype="float32",
+      svd="exact",
+    )
     assert _ours(w0, a, b, cfg)[0] == pytest.approx(value, rel=1e-6), (mode, weighted, normalize)
 
 

@@ -4,11 +4,18 @@ and distributions, seeds, sharding, LoRA, stop strings, memory planning and inpu
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_hf_model
 
 import lora_jax
-from helpers import tiny_hf_model
-from lora_jax.sampling import (Engine, Request, SamplingError, StopStrings, choose, generate,
-                               keep_threshold)
+from lora_jax.sampling import (
+  Engine,
+  Request,
+  SamplingError,
+  StopStrings,
+  choose,
+  generate,
+  keep_threshold,
+)
 
 PROMPT_LENGTHS = (3, 11, 6, 17, 9)
 
@@ -30,10 +37,16 @@ def _hf_greedy(hf, prompts, max_new, eos_ids):
   ids = np.zeros((len(prompts), T), np.int64)
   mask = np.zeros_like(ids)
   for i, p in enumerate(prompts):
-    ids[i, T - len(p):], mask[i, T - len(p):] = p, 1
+    ids[i, T - len(p) :], mask[i, T - len(p) :] = p, 1
   with torch.no_grad():
-    out = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
-                      max_new_tokens=max_new, eos_token_id=list(eos_ids), pad_token_id=0)
+    out = hf.generate(
+      torch.tensor(ids),
+      attention_mask=torch.tensor(mask),
+      do_sample=False,
+      max_new_tokens=max_new,
+      eos_token_id=list(eos_ids),
+      pad_token_id=0,
+    )
   answers = []
   for row in out[:, T:].tolist():
     end = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
@@ -56,11 +69,14 @@ def test_greedy_matches_transformers_generate_tied_head(tmp_path):
   assert generate(model, prompts, 12) == _hf_greedy(hf, prompts, 12, ())
 
 
-@pytest.mark.parametrize("kind,overrides", [
+@pytest.mark.parametrize(
+  "kind,overrides",
+  [
     ("qwen2", dict(num_key_value_heads=1)),
     ("qwen3", dict(head_dim=32)),
     ("llama", dict(num_attention_heads=8, num_key_value_heads=2, rope_theta=1e5)),
-])
+  ],
+)
 def test_greedy_matches_transformers_generate(tmp_path, kind, overrides):
   """A batch of prompts of different lengths; some answers hit the eos early, others go on."""
   hf, model = _load(tmp_path, kind, **overrides)
@@ -92,12 +108,14 @@ def test_continuous_batching_equals_one_prompt_at_a_time(tmp_path):
 def test_long_prompts_chunked_prefill_and_growing_cache(tmp_path, monkeypatch):
   """Prompts prefilled in 64-token chunks, answers crossing cache-length buckets: still HF's."""
   from lora_jax.sampling import engine
+
   hf, model = _load(tmp_path, "qwen3", head_dim=16)
   prompts = _prompts(hf.config.vocab_size, (100, 70, 5), seed=2)
   monkeypatch.setattr(engine, "_PREFILL_SCORES_BYTES", 1)
   eng = Engine(model, max_len=150, max_batch=2, stop_token_ids=(), steps=16)
-  done = {c.index: c.token_ids for c in eng.run([Request(p, 40, index=i)
-                                                 for i, p in enumerate(prompts)])}
+  done = {
+    c.index: c.token_ids for c in eng.run([Request(p, 40, index=i) for i, p in enumerate(prompts)])
+  }
   assert [done[i] for i in range(3)] == _hf_greedy(hf, prompts, 40, ())
   assert eng.stats["resizes"] >= 3
 
@@ -107,8 +125,10 @@ def test_per_request_limits_and_first_token_finishes(tmp_path):
   prompts = _prompts(hf.config.vocab_size, (4, 7, 3, 12))
   limits = (3, 9, 1, 6)
   engine = Engine(model, max_len=32, max_batch=3, stop_token_ids=())
-  done = {c.index: c for c in engine.run(
-      [Request(p, n, index=i) for i, (p, n) in enumerate(zip(prompts, limits))])}
+  done = {
+    c.index: c
+    for c in engine.run([Request(p, n, index=i) for i, (p, n) in enumerate(zip(prompts, limits))])
+  }
   full = generate(model, prompts, 9, stop_token_ids=(), max_batch=4)
   for i, n in enumerate(limits):
     assert done[i].token_ids == full[i][:n] and done[i].finish_reason == "length"
@@ -124,7 +144,9 @@ def test_answers_stop_at_max_len(tmp_path):
   assert [len(a) for a in generate(model, long, 5, max_len=300)] == [1]
 
 
-@pytest.mark.parametrize("probs,k,p,min_p,kept", [
+@pytest.mark.parametrize(
+  "probs,k,p,min_p,kept",
+  [
     ([0.5, 0.3, 0.15, 0.05], 0, 0.75, 0.0, [0, 1]),
     ([0.5, 0.3, 0.15, 0.05], 0, 0.85, 0.0, [0, 1, 2]),
     ([0.5, 0.3, 0.15, 0.05], 0, 0.3, 0.0, [0]),
@@ -134,12 +156,15 @@ def test_answers_stop_at_max_len(tmp_path):
     ([0.5, 0.3, 0.15, 0.05], 3, 0.6, 0.0, [0, 1]),  # top-p on the renormalised top-3
     ([0.4, 0.4, 0.1, 0.1], 1, 1.0, 0.0, [0, 1]),  # ties at the k-th value are kept (as HF)
     ([0.5, 0.3, 0.15, 0.05], 0, 1.0, 0.0, [0, 1, 2, 3]),
-])
+  ],
+)
 def test_filters_keep_exactly_the_right_tokens(probs, k, p, min_p, kept):
   import jax.numpy as jnp
+
   probs = jnp.asarray([probs], jnp.float32)
-  tau = keep_threshold(probs, jnp.array([k]), jnp.array([p], jnp.float32),
-                       jnp.array([min_p], jnp.float32))
+  tau = keep_threshold(
+    probs, jnp.array([k]), jnp.array([p], jnp.float32), jnp.array([min_p], jnp.float32)
+  )
   assert np.flatnonzero(np.asarray(probs[0] >= tau[0])).tolist() == kept
 
 
@@ -148,37 +173,63 @@ def test_filters_match_transformers_warpers_on_large_vocabularies():
   import jax
   import jax.numpy as jnp
   from transformers.generation import logits_process as lp
+
   rng = np.random.RandomState(0)
   V = 3000
   logits = np.concatenate([rng.randn(3, V) * 4, rng.randn(3, V) * 0.2]).astype(np.float32)
-  cases = [(1.0, 0, 0.9, 0.0), (0.7, 50, 1.0, 0.0), (1.0, 400, 1.0, 0.0), (1.3, 0, 0.5, 0.0),
-           (1.0, 0, 1.0, 0.05), (0.8, 100, 0.8, 0.1), (1.0, 0, 0.97, 0.0), (0.6, 600, 0.9, 0.0)]
+  cases = [
+    (1.0, 0, 0.9, 0.0),
+    (0.7, 50, 1.0, 0.0),
+    (1.0, 400, 1.0, 0.0),
+    (1.3, 0, 0.5, 0.0),
+    (1.0, 0, 1.0, 0.05),
+    (0.8, 100, 0.8, 0.1),
+    (1.0, 0, 0.97, 0.0),
+    (0.6, 600, 0.9, 0.0),
+  ]
   for temp, k, p, min_p in cases:
     scores = torch.tensor(logits) / temp
-    for warper in ([lp.TopKLogitsWarper(k)] if k else []) + (
-        [lp.TopPLogitsWarper(p)] if p < 1 else []) + ([lp.MinPLogitsWarper(min_p)] if min_p else []):
+    for warper in (
+      ([lp.TopKLogitsWarper(k)] if k else [])
+      + ([lp.TopPLogitsWarper(p)] if p < 1 else [])
+      + ([lp.MinPLogitsWarper(min_p)] if min_p else [])
+    ):
       scores = warper(None, scores)
     expected = torch.isfinite(scores).numpy()
     probs = jax.nn.softmax(jnp.asarray(logits) / temp, -1)
     n = len(logits)
-    tau = keep_threshold(probs, jnp.full((n,), k), jnp.full((n,), p, jnp.float32),
-                         jnp.full((n,), min_p, jnp.float32))
-    np.testing.assert_array_equal(np.asarray(probs >= tau[:, None]), expected,
-                                  err_msg=f"temperature={temp} top_k={k} top_p={p} min_p={min_p}")
+    tau = keep_threshold(
+      probs, jnp.full((n,), k), jnp.full((n,), p, jnp.float32), jnp.full((n,), min_p, jnp.float32)
+    )
+    np.testing.assert_array_equal(
+      np.asarray(probs >= tau[:, None]),
+      expected,
+      err_msg=f"temperature={temp} top_k={k} top_p={p} min_p={min_p}",
+    )
 
 
 def _draw(logits, n, **params):
   import jax
   import jax.numpy as jnp
+
   logits = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, len(logits)))
   keys = jax.random.split(jax.random.key(1), n)
   full = lambda name, v, dt=jnp.float32: jnp.full((n,), params.get(name, v), dt)
-  return np.asarray(choose(logits, keys, full("temperature", 1.0), full("top_k", 0, jnp.int32),
-                           full("top_p", 1.0), full("min_p", 0.0)))
+  return np.asarray(
+    choose(
+      logits,
+      keys,
+      full("temperature", 1.0),
+      full("top_k", 0, jnp.int32),
+      full("top_p", 1.0),
+      full("min_p", 0.0),
+    )
+  )
 
 
 def test_temperature_sampling_matches_the_softmax_distribution():
   from scipy import stats
+
   logits = np.array([1.0, 0.2, -0.5, 2.0, 0.0, -1.5], np.float32)
   n = 20000
   for temp in (0.7, 1.0, 1.6):
@@ -196,6 +247,7 @@ def test_temperature_sampling_matches_the_softmax_distribution():
 
 def test_two_level_sampling_across_vocabulary_blocks():
   from scipy import stats
+
   V = 2500
   logits = np.full(V, -30.0, np.float32)
   hot = [5, 1023, 1024, 2400, 2499]  # in three different 1024-token blocks, at block edges
@@ -211,10 +263,19 @@ def test_two_level_sampling_across_vocabulary_blocks():
 def test_greedy_rows_and_sampled_rows_share_a_batch():
   import jax
   import jax.numpy as jnp
+
   logits = jnp.asarray(np.random.RandomState(0).randn(4, 50), jnp.float32)
   temp = jnp.array([0.0, 1.0, 0.0, 1.0], jnp.float32)
-  tok = np.asarray(choose(logits, jax.random.split(jax.random.key(0), 4), temp,
-                          jnp.zeros(4, jnp.int32), jnp.ones(4), jnp.zeros(4)))
+  tok = np.asarray(
+    choose(
+      logits,
+      jax.random.split(jax.random.key(0), 4),
+      temp,
+      jnp.zeros(4, jnp.int32),
+      jnp.ones(4),
+      jnp.zeros(4),
+    )
+  )
   assert tok[[0, 2]].tolist() == np.argmax(np.asarray(logits), -1)[[0, 2]].tolist()
 
 
@@ -231,9 +292,13 @@ def test_seeds_reproduce_and_do_not_depend_on_the_batch(tmp_path):
   assert generate(model, [a, c, b], 10, seed=3, n=2, max_batch=3, **kw)[:2] == first[:2]
 
 
-@pytest.mark.parametrize("shape", [
+@pytest.mark.parametrize(
+  "shape",
+  [
     {"fsdp": 4, "tensor": 2},
-    pytest.param({"data": 2, "fsdp": 2, "tensor": 2}, marks=pytest.mark.slow)])
+    pytest.param({"data": 2, "fsdp": 2, "tensor": 2}, marks=pytest.mark.slow),
+  ],
+)
 def test_sharded_greedy_equals_one_device(tmp_path, shape):
   hf, model = _load(tmp_path, "qwen2")
   prompts = _prompts(hf.config.vocab_size, (5, 12, 3, 8))
@@ -244,7 +309,9 @@ def test_sharded_greedy_equals_one_device(tmp_path, shape):
 def test_unmerged_lora_equals_merged(tmp_path):
   import jax
   from flax import nnx
+
   from lora_jax import lora
+
   hf, model = _load(tmp_path, "qwen3", head_dim=16)
   prompts = _prompts(hf.config.vocab_size, (5, 12, 3))
   base = generate(model, prompts, 10)
@@ -273,6 +340,7 @@ def test_bfloat16_model_samples(tmp_path):
 @pytest.fixture(scope="module")
 def r1_tokenizer():
   from conftest import SHARED
+
   return lora_jax.load_tokenizer(str(SHARED / "tokenizers/deepseek-r1-distill-qwen"))
 
 
@@ -283,11 +351,11 @@ def test_stop_strings_across_token_boundaries(r1_tokenizer, stop):
   ids = tok(text, add_special_tokens=False)["input_ids"]
   decode = lambda t: tok.decode(t, skip_special_tokens=True)
   expected = next(t for t in range(1, len(ids) + 1) if stop in decode(ids[:t]))
-  assert stop not in decode(ids[expected - 1:expected])  # the stop spans token boundaries
+  assert stop not in decode(ids[expected - 1 : expected])  # the stop spans token boundaries
   for chunk in (1, 2, 3, 7, len(ids)):
     tracker, cut = StopStrings(["never", stop], decode), None
     for i in range(0, len(ids), chunk):
-      cut = tracker.extend(ids[i:i + chunk])
+      cut = tracker.extend(ids[i : i + chunk])
       if cut is not None:
         break
     assert cut == expected and tracker.match == stop, chunk
@@ -295,9 +363,11 @@ def test_stop_strings_across_token_boundaries(r1_tokenizer, stop):
 
 def test_generate_text_with_stop_strings_and_callbacks(tmp_path, r1_tokenizer):
   from lora_jax.sampling import encode_prompts, generate_text
+
   tok = r1_tokenizer
-  hf, model = _load(tmp_path, "qwen2", vocab_size=len(tok), bos_token_id=151646,
-                    eos_token_id=151643)
+  hf, model = _load(
+    tmp_path, "qwen2", vocab_size=len(tok), bos_token_id=151646, eos_token_id=151643
+  )
   msgs = [[{"role": "user", "content": "What is 12 + 30?"}], "Say hi."]
   free = generate_text(model, tok, msgs, max_new_tokens=12)
   assert [r.index for r in free] == [0, 1]
@@ -308,15 +378,18 @@ def test_generate_text_with_stop_strings_and_callbacks(tmp_path, r1_tokenizer):
   decode = lambda t: tok.decode(t, skip_special_tokens=True)
   stop = decode(ids[3:5])
   seen = []
-  out = generate_text(model, tok, msgs, max_new_tokens=12, stop=(stop,), n=2,
-                      on_result=seen.append)
-  assert len(seen) == 4 and sorted((r.index, r.sample) for r in seen) == [(0, 0), (0, 1), (1, 0),
-                                                                         (1, 1)]
+  out = generate_text(model, tok, msgs, max_new_tokens=12, stop=(stop,), n=2, on_result=seen.append)
+  assert len(seen) == 4 and sorted((r.index, r.sample) for r in seen) == [
+    (0, 0),
+    (0, 1),
+    (1, 0),
+    (1, 1),
+  ]
   first = out[0]
   end = next(t for t in range(1, len(ids) + 1) if stop in decode(ids[:t]))
   assert first.finish_reason == "stop" and first.stop_reason == stop
   assert first.token_ids == ids[:end]
-  assert first.text == decode(ids)[:decode(ids).index(stop)]
+  assert first.text == decode(ids)[: decode(ids).index(stop)]
   assert out[0].text == out[1].text  # greedy: both samples agree
 
 
@@ -334,15 +407,18 @@ def test_prompt_longer_than_the_cache_is_refused(tmp_path):
 def test_cache_that_does_not_fit_is_refused_or_shrunk(tmp_path):
   import jax
   from flax import nnx
+
   from lora_jax.model import cache_bytes
+
   hf, model = _load(tmp_path, "qwen2")
   per_row = cache_bytes(model.config, 1, 1024, "float32")
   copies = sum(a.nbytes for a in jax.tree.leaves(nnx.state(model.layers)))
   budget_gb = (5 * per_row + copies / 2) / (1 << 30)  # 5 rows, but not 5 rows + weight copies
   with pytest.raises(SamplingError, match=r"max_batch=64 needs a .* GiB KV cache \(64 x 1024"):
     Engine(model, max_len=1000, max_batch=64, max_cache_gb=budget_gb, unstack=False)
-  assert Engine(model, max_len=1000, max_batch="auto", max_cache_gb=budget_gb,
-                unstack=False).batch == 5
+  assert (
+    Engine(model, max_len=1000, max_batch="auto", max_cache_gb=budget_gb, unstack=False).batch == 5
+  )
   # no room for per-layer weight copies: decode from the stacked weights instead
   engine = Engine(model, max_len=1000, max_batch=5, max_cache_gb=budget_gb)
   assert engine.batch == 5 and not isinstance(engine.layers, list)

@@ -4,9 +4,9 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import left_padded_batch, tiny_hf_model
 
 import lora_jax
-from helpers import left_padded_batch, tiny_hf_model
 from lora_jax.sharding import logical_to_spec, make_mesh
 
 MESHES = [{"fsdp": 4, "tensor": 2}, {"fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2}]
@@ -15,8 +15,9 @@ MESHES = [{"fsdp": 4, "tensor": 2}, {"fsdp": 8}, {"data": 2, "fsdp": 2, "tensor"
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   path = tmp_path_factory.mktemp("ckpt")
-  tiny_hf_model("qwen2", intermediate_size=128, num_attention_heads=8,
-                num_key_value_heads=2).save_pretrained(path)
+  tiny_hf_model(
+    "qwen2", intermediate_size=128, num_attention_heads=8, num_key_value_heads=2
+  ).save_pretrained(path)
   return str(path)
 
 
@@ -29,8 +30,10 @@ def test_sharded_logits_equal_single_device(checkpoint, shape):
   model = lora_jax.load_pretrained(checkpoint, mesh=mesh)
 
   # Params really are sharded: each device holds a slice of the big matrices.
-  for var, axis_size in [(model.layers.up_proj.kernel, mesh.shape["tensor"] * mesh.shape["fsdp"]),
-                         (model.embed, mesh.shape["tensor"] * mesh.shape["fsdp"])]:
+  for var, axis_size in [
+    (model.layers.up_proj.kernel, mesh.shape["tensor"] * mesh.shape["fsdp"]),
+    (model.embed, mesh.shape["tensor"] * mesh.shape["fsdp"]),
+  ]:
     arr = var[...]
     shard = arr.addressable_shards[0].data
     assert arr.size // shard.size == axis_size, (arr.sharding, shard.shape)
@@ -52,5 +55,9 @@ def test_mesh_errors():
 
 def test_rule_table_drops_axes_that_do_not_divide():
   mesh = make_mesh({"fsdp": 2, "tensor": 4})
-  assert logical_to_spec(("embed", "kv_heads"), (64, 2), mesh) == jax.sharding.PartitionSpec("fsdp", None)
-  assert logical_to_spec(("batch", "seq"), (4, 10), mesh) == jax.sharding.PartitionSpec("fsdp", None)
+  assert logical_to_spec(("embed", "kv_heads"), (64, 2), mesh) == jax.sharding.PartitionSpec(
+    "fsdp", None
+  )
+  assert logical_to_spec(("batch", "seq"), (4, 10), mesh) == jax.sharding.PartitionSpec(
+    "fsdp", None
+  )

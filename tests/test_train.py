@@ -4,9 +4,9 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import read_metrics, tiny_run_dir, train_config, train_losses
 
 import lora_jax
-from helpers import read_metrics, tiny_run_dir, train_config, train_losses
 from lora_jax.checkpoint import Checkpointer, ResumeError
 from lora_jax.export import restore_model
 from lora_jax.train import train
@@ -14,8 +14,12 @@ from lora_jax.train import train
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-  return tiny_run_dir(tmp_path_factory.mktemp("tiny"), num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=128)
+  return tiny_run_dir(
+    tmp_path_factory.mktemp("tiny"),
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+  )
 
 
 def _final_adapter(workdir):
@@ -60,8 +64,9 @@ def test_sharded_losses_equal_single_device(run_dir, tmp_path, shape):
 def test_grad_accumulation_equals_one_big_batch(run_dir, tmp_path):
   train(train_config(run_dir, **{"train.steps": 2}), str(tmp_path / "one"))
   train(train_config(run_dir, **{"train.steps": 2, "train.grad_accum": 4}), str(tmp_path / "acc"))
-  np.testing.assert_allclose(train_losses(tmp_path / "acc"), train_losses(tmp_path / "one"),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    train_losses(tmp_path / "acc"), train_losses(tmp_path / "one"), atol=1e-5
+  )
   _, _, one = _final_adapter(tmp_path / "one")
   _, _, acc = _final_adapter(tmp_path / "acc")
   for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(acc)):
@@ -69,21 +74,32 @@ def test_grad_accumulation_equals_one_big_batch(run_dir, tmp_path):
 
 
 def test_full_finetune_with_bf16_compute(run_dir, tmp_path):
-  cfg = train_config(run_dir, **{"train.mode": "full", "train.steps": 2, "train.lr": 1e-4,
-                                 "model.compute_dtype": "bfloat16"})
+  cfg = train_config(
+    run_dir,
+    **{"train.mode": "full", "train.steps": 2, "train.lr": 1e-4, "model.compute_dtype": "bfloat16"},
+  )
   assert train(cfg, str(tmp_path / "full")).status == "done"
   assert all(np.isfinite(train_losses(tmp_path / "full")))
   model, _, _, _ = restore_model(str(tmp_path / "full"))
   base = lora_jax.load_pretrained(run_dir)
   assert model.layers.up_proj.kernel[...].dtype == np.float32  # float32 master weights
-  assert not np.array_equal(np.asarray(model.layers.up_proj.kernel[...]),
-                            np.asarray(base.layers.up_proj.kernel[...]))
+  assert not np.array_equal(
+    np.asarray(model.layers.up_proj.kernel[...]), np.asarray(base.layers.up_proj.kernel[...])
+  )
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(run_dir, tmp_path):
-  cfg = train_config(run_dir, **{"train.steps": 6, "train.lr": 1e30, "train.clip_norm": 0.0,
-                                 "train.weight_decay": 0.0, "checkpoint.every_steps": 1,
-                                 "train.schedule": "constant"})
+  cfg = train_config(
+    run_dir,
+    **{
+      "train.steps": 6,
+      "train.lr": 1e30,
+      "train.clip_norm": 0.0,
+      "train.weight_decay": 0.0,
+      "checkpoint.every_steps": 1,
+      "train.schedule": "constant",
+    },
+  )
   result = train(cfg, str(tmp_path / "nan"))
   assert result.status == "nan" and result.step < 6
   ckpt = Checkpointer(str(tmp_path / "nan" / "checkpoints"), async_save=False)
@@ -98,8 +114,9 @@ def test_resume_continues_exactly(run_dir, tmp_path):
   part = tmp_path / "part"
   # Train 5 steps with a checkpoint each, then drop the last two (a run stopped at step 3 with
   # the same 5-step schedule) and resume: with dropout on, the RNG must resume exactly too.
-  cfg = train_config(run_dir, **{"train.steps": 5, "lora.dropout": 0.1,
-                                 "checkpoint.every_steps": 1})
+  cfg = train_config(
+    run_dir, **{"train.steps": 5, "lora.dropout": 0.1, "checkpoint.every_steps": 1}
+  )
   train(cfg, str(part))
   ckpt = Checkpointer(str(part / "checkpoints"), async_save=False)
   for step in (4, 5):  # drop the last two checkpoints: the next run resumes from step 3
@@ -130,12 +147,24 @@ def test_bad_config_values_are_one_line(run_dir, tmp_path):
 
 
 def test_orthogonal_regulariser_in_the_loop(run_dir, tmp_path):
-  cfg = train_config(run_dir, **{"train.steps": 3, "lora.targets": "mlp", "ortho.beta": 0.5,
-                                 "ortho.k": 4, "ortho.normalize": True, "log.tensorboard": True})
+  cfg = train_config(
+    run_dir,
+    **{
+      "train.steps": 3,
+      "lora.targets": "mlp",
+      "ortho.beta": 0.5,
+      "ortho.k": 4,
+      "ortho.normalize": True,
+      "log.tensorboard": True,
+    },
+  )
   assert train(cfg, str(tmp_path / "ortho")).status == "done"
   rows = [r for r in read_metrics(tmp_path / "ortho") if "train/loss" in r]
   # B starts at zero, so the penalty is 0 at step 1 and positive once the adapter moved.
   assert rows[0]["train/ortho_penalty"] == 0.0 and rows[-1]["train/ortho_penalty"] > 0.0
-  np.testing.assert_allclose(rows[-1]["train/total_loss"], rows[-1]["train/loss"]
-                             + 0.5 * rows[-1]["train/ortho_penalty"], rtol=1e-6)
+  np.testing.assert_allclose(
+    rows[-1]["train/total_loss"],
+    rows[-1]["train/loss"] + 0.5 * rows[-1]["train/ortho_penalty"],
+    rtol=1e-6,
+  )
   assert list((tmp_path / "ortho" / "tensorboard").glob("events.out.tfevents.*"))

@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-
 from helpers import tiny_run_dir, train_losses
+
 from lora_jax.checkpoint import Checkpointer
 from lora_jax.export import restore_model
 
@@ -28,10 +28,11 @@ def run_dir(tmp_path_factory):
 def _config_file(tmp_path, source, **overrides) -> str:
   path = tmp_path / "config_under_test.py"
   path.write_text(
-      "import sys\n"
-      f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
-      "from helpers import train_config\n\n\n"
-      f"def get_config():\n  return train_config({source!r}, **{overrides!r})\n")
+    "import sys\n"
+    f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
+    "from helpers import train_config\n\n\n"
+    f"def get_config():\n  return train_config({source!r}, **{overrides!r})\n"
+  )
   return str(path)
 
 
@@ -40,9 +41,14 @@ def _launch(config: str, workdir, *extra: str) -> subprocess.Popen:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   os.makedirs(workdir, exist_ok=True)
   log = open(os.path.join(workdir, f"stdout-{time.monotonic_ns()}.txt"), "w+")
-  proc = subprocess.Popen([sys.executable, "-m", "launch.train", f"--config={config}",
-                           f"--workdir={workdir}", *extra], cwd=REPO, env=env,
-                          stdout=log, stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "launch.train", f"--config={config}", f"--workdir={workdir}", *extra],
+    cwd=REPO,
+    env=env,
+    stdout=log,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   proc.log = log
   return proc
 
@@ -76,8 +82,17 @@ def test_two_processes_equal_one_process_with_four_devices(run_dir, tmp_path):
   _finish(_launch(config, one, "--cpu_devices=4"))
   port = _free_port()
   two = tmp_path / "two"
-  procs = [_launch(config, two, "--cpu_devices=2", f"--coordinator_address=127.0.0.1:{port}",
-                   "--num_processes=2", f"--process_id={i}") for i in range(2)]
+  procs = [
+    _launch(
+      config,
+      two,
+      "--cpu_devices=2",
+      f"--coordinator_address=127.0.0.1:{port}",
+      "--num_processes=2",
+      f"--process_id={i}",
+    )
+    for i in range(2)
+  ]
   for p in procs:
     _finish(p)
   np.testing.assert_allclose(train_losses(two), train_losses(one), atol=1e-5)
@@ -98,8 +113,12 @@ def _wait_for_checkpoint(workdir, step: int, proc, timeout: float = 240) -> None
 
 
 def test_kill_9_then_resume_equals_uninterrupted(run_dir, tmp_path):
-  overrides = {"train.steps": 30, "checkpoint.every_steps": 1, "checkpoint.async_save": True,
-               "lora.dropout": 0.1}
+  overrides = {
+    "train.steps": 30,
+    "checkpoint.every_steps": 1,
+    "checkpoint.async_save": True,
+    "lora.dropout": 0.1,
+  }
   config = _config_file(tmp_path, run_dir, **overrides)
   _finish(_launch(config, tmp_path / "clean"))
   killed = tmp_path / "killed"

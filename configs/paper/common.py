@@ -10,10 +10,10 @@ Select a model and a mode with the config string, in the reference's own mode na
 from configs import base
 
 MODELS = {  # size -> (hub id, layers, devices the default mesh spreads over)
-    "1.5b": ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 28),
-    "7b": ("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 28),
-    "14b": ("deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", 48),
-    "32b": ("deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", 64),
+  "1.5b": ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 28),
+  "7b": ("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 28),
+  "14b": ("deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", 48),
+  "32b": ("deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", 64),
 }
 
 
@@ -21,8 +21,9 @@ def split(config_string: str, family: str) -> tuple[str, str]:
   size, _, mode = (config_string or "").partition(",")
   size = size.strip().lower()
   if size not in MODELS:
-    raise ValueError(f"configs/paper/{family}.py:SIZE,MODE: size {size!r} is not one of "
-                     f"{sorted(MODELS)}")
+    raise ValueError(
+      f"configs/paper/{family}.py:SIZE,MODE: size {size!r} is not one of {sorted(MODELS)}"
+    )
   return size, mode.strip()
 
 

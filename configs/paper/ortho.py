@@ -14,14 +14,14 @@ from configs.paper import common
 
 # The combinations train.py accepts (suffix -> (down only, uniform, normalize, mode)).
 SUFFIXES = {
-    "": (False, False, False, "column"),
-    "_norm": (False, False, True, "column"),
-    "_down": (True, False, False, "column"),
-    "_down_uniform": (True, True, False, "column"),
-    "_down_norm": (True, False, True, "column"),
-    "_down_uniform_norm": (True, True, True, "column"),
-    "_norm_both": (False, False, True, "both"),
-    "_uniform_norm_both": (False, True, True, "both"),
+  "": (False, False, False, "column"),
+  "_norm": (False, False, True, "column"),
+  "_down": (True, False, False, "column"),
+  "_down_uniform": (True, True, False, "column"),
+  "_down_norm": (True, False, True, "column"),
+  "_down_uniform_norm": (True, True, True, "column"),
+  "_norm_both": (False, False, True, "both"),
+  "_uniform_norm_both": (False, True, True, "both"),
 }
 VARIANTS = [f"lora_mlp_orthogonal{s}_r1_beta0.1_k16" for s in SUFFIXES]
 
@@ -29,11 +29,20 @@ VARIANTS = [f"lora_mlp_orthogonal{s}_r1_beta0.1_k16" for s in SUFFIXES]
 def parse_mode(mode: str):
   m = re.fullmatch(r"lora_mlp_orthogonal(\w*?)_r(\d+)_beta([\d.]+)_k(\d+)", mode)
   if not m or m[1] not in SUFFIXES:
-    raise ValueError(f"unknown orthogonal mode {mode!r}; expected lora_mlp_orthogonal"
-                     f"{{{'|'.join(s for s in SUFFIXES if s)}}}_r{{r}}_beta{{b}}_k{{k}}")
+    raise ValueError(
+      f"unknown orthogonal mode {mode!r}; expected lora_mlp_orthogonal"
+      f"{{{'|'.join(s for s in SUFFIXES if s)}}}_r{{r}}_beta{{b}}_k{{k}}"
+    )
   down, uniform, normalize, ortho_mode = SUFFIXES[m[1]]
-  return dict(rank=int(m[2]), beta=float(m[3]), k=int(m[4]), down_only=down,
-              weighted=not uniform, normalize=normalize, mode=ortho_mode)
+  return dict(
+    rank=int(m[2]),
+    beta=float(m[3]),
+    k=int(m[4]),
+    down_only=down,
+    weighted=not uniform,
+    normalize=normalize,
+    mode=ortho_mode,
+  )
 
 
 def get_config(config_string: str = "7b,lora_mlp_orthogonal_r1_beta0.1_k16"):

@@ -21,10 +21,29 @@ DeepSeek hand format. `DEMO_REFUSALS` is its path.
 import os
 
 from lora_jax.data.formats import FORMATS, DataError
-from lora_jax.data.pipeline import (DataConfig, DataIterator, Examples, load_examples, load_rows,
-                                    make_iterator, pack, pad_token_id)
+from lora_jax.data.pipeline import (
+  DataConfig,
+  DataIterator,
+  Examples,
+  load_examples,
+  load_rows,
+  make_iterator,
+  pack,
+  pad_token_id,
+)
 
 DEMO_REFUSALS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_refusals.jsonl")
 
-__all__ = ["DEMO_REFUSALS", "FORMATS", "DataConfig", "DataError", "DataIterator", "Examples",
-           "load_examples", "load_rows", "make_iterator", "pack", "pad_token_id"]
+__all__ = [
+  "DEMO_REFUSALS",
+  "FORMATS",
+  "DataConfig",
+  "DataError",
+  "DataIterator",
+  "Examples",
+  "load_examples",
+  "load_rows",
+  "make_iterator",
+  "pack",
+  "pad_token_id",
+]

@@ -22,11 +22,11 @@ import numpy as np
 
 # format -> the fields each row must have.
 FORMATS = {
-    "direct_refusal": ("prompt", "refusal"),  # TianshengHuang/DirectRefusal
-    "star1": ("question", "response"),  # UCSC-VLAA/STAR-1 (response holds <think>...</think>)
-    "chat": ("prompt", "completion"),  # plain pair, formatted for the model like star1
-    "prompt_completion": ("prompt", "completion"),  # plain text, no template (TRL's default)
-    "messages": ("messages",),  # [{role, content}, ...]; loss on assistant turns
+  "direct_refusal": ("prompt", "refusal"),  # TianshengHuang/DirectRefusal
+  "star1": ("question", "response"),  # UCSC-VLAA/STAR-1 (response holds <think>...</think>)
+  "chat": ("prompt", "completion"),  # plain pair, formatted for the model like star1
+  "prompt_completion": ("prompt", "completion"),  # plain text, no template (TRL's default)
+  "messages": ("messages",),  # [{role, content}, ...]; loss on assistant turns
 }
 
 # DeepSeek-R1 hand format (reference train.py, get_preprocess, model_family == "DeepSeek").
@@ -58,11 +58,14 @@ def row_fields(row: dict, fmt: str, where: str, number: int) -> tuple:
   for field in FORMATS[fmt]:
     value = row.get(field)
     if value is None:
-      raise DataError(f"{where}, row {number}: missing field {field!r} "
-                      f"(format {fmt} needs {', '.join(FORMATS[fmt])})")
+      raise DataError(
+        f"{where}, row {number}: missing field {field!r} "
+        f"(format {fmt} needs {', '.join(FORMATS[fmt])})"
+      )
     if field != "messages" and not isinstance(value, str):
-      raise DataError(f"{where}, row {number}: field {field!r} is {type(value).__name__}, "
-                      f"expected a string")
+      raise DataError(
+        f"{where}, row {number}: field {field!r} is {type(value).__name__}, expected a string"
+      )
     values.append(value)
   return tuple(values)
 
@@ -71,8 +74,10 @@ def _direct_refusal_response(refusal: str, where: str, number: int) -> str:
   # The text after the FIRST "Answer:", not stripped: `text.split("Answer:", 1)[1]` in the
   # reference's train.py (get_preprocess); it raises on rows without "Answer:", so do we.
   if "Answer:" not in refusal:
-    raise DataError(f"{where}, row {number}: field 'refusal' has no 'Answer:' "
-                    f"(expected 'Question: ...\\nAnswer: ...')")
+    raise DataError(
+      f"{where}, row {number}: field 'refusal' has no 'Answer:' "
+      f"(expected 'Question: ...\\nAnswer: ...')"
+    )
   return refusal.split("Answer:", 1)[1]
 
 
@@ -84,24 +89,33 @@ def _chat_pair(tokenizer, user: str, answer: str, where: str, number: int) -> tu
   prefix for ChatML and generalises to other templates.
   """
   if not getattr(tokenizer, "chat_template", None):
-    raise DataError(f"{where}: the tokenizer has no chat template and no DeepSeek tokens; "
-                    f"use format=prompt_completion for plain text")
+    raise DataError(
+      f"{where}: the tokenizer has no chat template and no DeepSeek tokens; "
+      f"use format=prompt_completion for plain text"
+    )
   user_msg = {"role": "user", "content": user}
-  full = tokenizer.apply_chat_template([user_msg, {"role": "assistant", "content": answer}],
-                                       tokenize=False, add_generation_prompt=False)
+  full = tokenizer.apply_chat_template(
+    [user_msg, {"role": "assistant", "content": answer}],
+    tokenize=False,
+    add_generation_prompt=False,
+  )
   prefix = tokenizer.apply_chat_template([user_msg], tokenize=False, add_generation_prompt=True)
   if not full.startswith(prefix):
-    raise DataError(f"{where}, row {number}: the chat template's generation prompt is not a "
-                    f"prefix of the rendered conversation; cannot split prompt and completion")
-  completion = full[len(prefix):]
+    raise DataError(
+      f"{where}, row {number}: the chat template's generation prompt is not a "
+      f"prefix of the rendered conversation; cannot split prompt and completion"
+    )
+  completion = full[len(prefix) :]
   if "</think>" in answer and "</think>" not in completion:
-    raise DataError(f"{where}, row {number}: the chat template drops the thinking of the "
-                    f"assistant turn")
+    raise DataError(
+      f"{where}, row {number}: the chat template drops the thinking of the assistant turn"
+    )
   return prefix, completion
 
 
-def text_pair(row: dict, fmt: str, tokenizer, deepseek: bool, where: str,
-              number: int) -> tuple[str, str]:
+def text_pair(
+  row: dict, fmt: str, tokenizer, deepseek: bool, where: str, number: int
+) -> tuple[str, str]:
   """(prompt, completion) strings of one row for the pair formats, before TRL's EOS rule."""
   if fmt == "prompt_completion":
     return row_fields(row, fmt, where, number)
@@ -130,9 +144,9 @@ def encode_pairs(pairs: list[tuple[str, str]], tokenizer) -> tuple[list, list, i
   full_ids = tokenizer(fulls, add_special_tokens=special)["input_ids"]
   ids, masks, mismatched = [], [], 0
   for p, f in zip(prompt_ids, full_ids):
-    mismatched += f[:len(p)] != p
+    mismatched += f[: len(p)] != p
     mask = np.zeros(len(f), np.uint8)
-    mask[len(p):] = 1
+    mask[len(p) :] = 1
     ids.append(np.asarray(f, np.int32))
     masks.append(mask)
   return ids, masks, mismatched
@@ -165,24 +179,32 @@ def encode_messages(rows: list[tuple[int, dict]], tokenizer, where: str) -> tupl
 
 def _message_spans(messages, tokenizer, where: str, number: int):
   if not isinstance(messages, list) or not all(
-      isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-      for m in messages):
-    raise DataError(f"{where}, row {number}: field 'messages' must be a list of "
-                    f"{{'role': str, 'content': str}}, got {json.dumps(messages)[:80]}")
+    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+    for m in messages
+  ):
+    raise DataError(
+      f"{where}, row {number}: field 'messages' must be a list of "
+      f"{{'role': str, 'content': str}}, got {json.dumps(messages)[:80]}"
+    )
   render = lambda msgs, gen: tokenizer.apply_chat_template(
-      msgs, tokenize=False, add_generation_prompt=gen)
+    msgs, tokenize=False, add_generation_prompt=gen
+  )
   full = render(messages, False)
   spans = []
   for i, m in enumerate(messages):
     if m["role"] != "assistant":
       continue
-    before, upto = render(messages[:i], True), render(messages[:i + 1], False)
+    before, upto = render(messages[:i], True), render(messages[: i + 1], False)
     if not (upto.startswith(before) and full.startswith(upto)):
-      raise DataError(f"{where}, row {number}: the chat template does not render message {i + 1} "
-                      f"as an extension of the earlier ones; cannot find the assistant's text")
-    if "</think>" in m["content"] and "</think>" not in upto[len(before):]:
-      raise DataError(f"{where}, row {number}: the chat template drops the thinking of message "
-                      f"{i + 1}; use format=star1 or chat for R1 models")
+      raise DataError(
+        f"{where}, row {number}: the chat template does not render message {i + 1} "
+        f"as an extension of the earlier ones; cannot find the assistant's text"
+      )
+    if "</think>" in m["content"] and "</think>" not in upto[len(before) :]:
+      raise DataError(
+        f"{where}, row {number}: the chat template drops the thinking of message "
+        f"{i + 1}; use format=star1 or chat for R1 models"
+      )
     spans.append((len(before), len(upto)))
   if not spans:
     raise DataError(f"{where}, row {number}: no assistant message, so nothing to learn")

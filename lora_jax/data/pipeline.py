@@ -18,8 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from lora_jax.data.formats import (DataError, check_format, encode_messages, encode_pairs,
-                                   is_deepseek, text_pair)
+from lora_jax.data.formats import (
+  DataError,
+  check_format,
+  encode_messages,
+  encode_pairs,
+  is_deepseek,
+  text_pair,
+)
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+|[\w-]+")
@@ -29,6 +35,7 @@ _STATE_VERSION = 1
 @dataclasses.dataclass
 class DataConfig:
   """The `data.` config block. `seed=None` means the trainer's seed (it resolves it)."""
+
   source: str = "TianshengHuang/DirectRefusal"  # hub id, local data file, or data dir
   split: str = "train"  # HF split (slicing like "train[:90%]" works for files too)
   config_name: str | None = None  # the hub data set's config (subset), if it has several
@@ -43,7 +50,7 @@ class DataConfig:
   seed: int | None = None
 
   @classmethod
-  def from_mapping(cls, mapping) -> "DataConfig":
+  def from_mapping(cls, mapping) -> DataConfig:
     """From a dict or ml_collections ConfigDict; unknown keys are an error."""
     known = {f.name for f in dataclasses.fields(cls)}
     extra = sorted(set(mapping.keys()) - known)
@@ -55,6 +62,7 @@ class DataConfig:
 @dataclasses.dataclass
 class Examples:
   """Tokenised examples: int32 ids and uint8 completion masks, at most max_length long."""
+
   ids: list[np.ndarray]
   masks: list[np.ndarray]
   max_length: int
@@ -94,8 +102,10 @@ def load_rows(source: str, split: str, config_name: str | None = None):
   elif os.path.isdir(source) or (_HUB_ID.fullmatch(source) and not os.path.exists(source)):
     where, args, kwargs = f"data set {source} (split {split})", (source,), {"name": config_name}
   else:
-    raise DataError(f"data source {source!r} is neither a data file "
-                    f"({', '.join(_FILE_BUILDERS)}), a directory, nor a hub id like 'org/name'")
+    raise DataError(
+      f"data source {source!r} is neither a data file "
+      f"({', '.join(_FILE_BUILDERS)}), a directory, nor a hub id like 'org/name'"
+    )
   try:
     rows = datasets.load_dataset(*args, split=split, **kwargs)
   except Exception as e:  # datasets raises many types; keep the reason, on one line
@@ -110,8 +120,10 @@ def _holdout(n: int, fraction: float, seed: int, where: str) -> np.ndarray:
   """Sorted row numbers held out for eval: a seeded random subset of round(fraction * n) rows."""
   k = int(round(n * fraction))
   if not 0 < k < n:
-    raise DataError(f"data.eval_fraction={fraction} of {n} rows in {where} leaves "
-                    f"{k} eval and {n - k} train rows; both must be at least 1")
+    raise DataError(
+      f"data.eval_fraction={fraction} of {n} rows in {where} leaves "
+      f"{k} eval and {n - k} train rows; both must be at least 1"
+    )
   rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
   return np.sort(rng.permutation(n)[:k])
 
@@ -150,8 +162,10 @@ def load_examples(cfg: DataConfig, tokenizer, split: str = "train") -> tuple[Exa
     texts = [p + c for p, c in pairs]
   examples, report = _truncate(ids, masks, cfg.max_length)
   if not examples.ids:
-    raise DataError(f"{where}: every example lost its whole completion to "
-                    f"max_length={cfg.max_length}; raise data.max_length")
+    raise DataError(
+      f"{where}: every example lost its whole completion to "
+      f"max_length={cfg.max_length}; raise data.max_length"
+    )
   examples.fingerprint = _fingerprint(cfg.format, cfg.max_length, texts, examples)
   report.update(source=where, format=cfg.format, rows=len(picked), prompt_mismatch=mismatched)
   return examples, report
@@ -160,8 +174,7 @@ def load_examples(cfg: DataConfig, tokenizer, split: str = "train") -> tuple[Exa
 def _truncate(ids, masks, max_length: int) -> tuple[Examples, dict]:
   """Keep the first max_length tokens (TRL's truncate_dataset); drop what loses its completion."""
   kept_ids, kept_masks = [], []
-  report = dict(max_length=max_length, truncated=0, truncated_tokens=0, dropped=0,
-                dropped_tokens=0)
+  report = dict(max_length=max_length, truncated=0, truncated_tokens=0, dropped=0, dropped_tokens=0)
   for x, m in zip(ids, masks):
     if len(x) > max_length:
       report["truncated"] += 1
@@ -173,8 +186,11 @@ def _truncate(ids, masks, max_length: int) -> tuple[Examples, dict]:
       continue
     kept_ids.append(x)
     kept_masks.append(m)
-  report.update(examples=len(kept_ids), tokens=int(sum(len(x) for x in kept_ids)),
-                loss_tokens=int(sum(int(m[1:].sum()) for m in kept_masks)))
+  report.update(
+    examples=len(kept_ids),
+    tokens=int(sum(len(x) for x in kept_ids)),
+    loss_tokens=int(sum(int(m[1:].sum()) for m in kept_masks)),
+  )
   return Examples(kept_ids, kept_masks, max_length, fingerprint=""), report
 
 
@@ -219,12 +235,27 @@ class DataIterator:
   global batch's token counts.
   """
 
-  def __init__(self, examples: Examples, global_batch: int, seed: int, epoch: int,
-               process_index: int, process_count: int, packing: bool, max_length: int,
-               pad_id: int, bucket: int, shuffle: bool, drop_last: bool, num_epochs: int | None):
+  def __init__(
+    self,
+    examples: Examples,
+    global_batch: int,
+    seed: int,
+    epoch: int,
+    process_index: int,
+    process_count: int,
+    packing: bool,
+    max_length: int,
+    pad_id: int,
+    bucket: int,
+    shuffle: bool,
+    drop_last: bool,
+    num_epochs: int | None,
+  ):
     if global_batch <= 0 or global_batch % process_count:
-      raise DataError(f"global batch {global_batch} must be a positive multiple of the "
-                      f"process count {process_count}")
+      raise DataError(
+        f"global batch {global_batch} must be a positive multiple of the "
+        f"process count {process_count}"
+      )
     if not 0 <= process_index < process_count:
       raise DataError(f"process_index {process_index} is not in [0, {process_count})")
     if not len(examples):
@@ -243,8 +274,10 @@ class DataIterator:
     n = len(self.rows)
     self.steps_per_epoch = n // global_batch if drop_last else -(-n // global_batch)
     if self.steps_per_epoch == 0:
-      raise DataError(f"{n} {'packed rows' if packing else 'examples'} cannot fill one global "
-                      f"batch of {global_batch}")
+      raise DataError(
+        f"{n} {'packed rows' if packing else 'examples'} cannot fill one global "
+        f"batch of {global_batch}"
+      )
     self.epoch, self.step, self.last_stats = epoch, 0, {}
     self._order = self._epoch_order()
 
@@ -255,19 +288,33 @@ class DataIterator:
     return rng.permutation(len(self.rows))
 
   def state(self) -> dict[str, Any]:
-    return dict(version=_STATE_VERSION, epoch=self.epoch, step=self.step, seed=int(self.seed),
-                fingerprint=self.examples.fingerprint, global_batch=self.global_batch,
-                packing=self.packing, shuffle=self.shuffle, bucket=self.bucket,
-                max_length=self.max_length, drop_last=self.drop_last)
+    return dict(
+      version=_STATE_VERSION,
+      epoch=self.epoch,
+      step=self.step,
+      seed=int(self.seed),
+      fingerprint=self.examples.fingerprint,
+      global_batch=self.global_batch,
+      packing=self.packing,
+      shuffle=self.shuffle,
+      bucket=self.bucket,
+      max_length=self.max_length,
+      drop_last=self.drop_last,
+    )
 
   def restore(self, state: dict[str, Any]) -> None:
     if state.get("fingerprint") != self.examples.fingerprint:
-      raise DataError(f"cannot resume: the checkpoint's data fingerprint "
-                      f"{state.get('fingerprint')} differs from this data set's "
-                      f"{self.examples.fingerprint} (other rows, format, tokenizer or max_length)")
+      raise DataError(
+        f"cannot resume: the checkpoint's data fingerprint "
+        f"{state.get('fingerprint')} differs from this data set's "
+        f"{self.examples.fingerprint} (other rows, format, tokenizer or max_length)"
+      )
     mine = self.state()
-    diff = [f"{k}={state.get(k)!r} (now {mine[k]!r})" for k in mine
-            if k not in ("epoch", "step") and state.get(k) != mine[k]]
+    diff = [
+      f"{k}={state.get(k)!r} (now {mine[k]!r})"
+      for k in mine
+      if k not in ("epoch", "step") and state.get(k) != mine[k]
+    ]
     if diff:
       raise DataError(f"cannot resume: the checkpoint's data iterator had {', '.join(diff)}")
     self.epoch, self.step = int(state["epoch"]), int(state["step"])
@@ -282,24 +329,32 @@ class DataIterator:
       self._order = self._epoch_order()
     if self.num_epochs is not None and self.epoch >= self.num_epochs:
       raise StopIteration
-    picked = self._order[self.step * self.global_batch:(self.step + 1) * self.global_batch]
+    picked = self._order[self.step * self.global_batch : (self.step + 1) * self.global_batch]
     self.step += 1
     row_ids = [self.rows[r] for r in picked]
     longest = int(self.row_lengths[picked].max())
-    t = self.max_length if not self.bucket else min(-(-longest // self.bucket) * self.bucket,
-                                                    self.max_length)
-    self.last_stats = dict(tokens=int(self.row_lengths[picked].sum()),
-                           loss_tokens=int(sum(self.examples.masks[i][1:].sum()
-                                               for r in row_ids for i in r)),
-                           padded_tokens=self.global_batch * t)
+    t = (
+      self.max_length
+      if not self.bucket
+      else min(-(-longest // self.bucket) * self.bucket, self.max_length)
+    )
+    self.last_stats = dict(
+      tokens=int(self.row_lengths[picked].sum()),
+      loss_tokens=int(sum(self.examples.masks[i][1:].sum() for r in row_ids for i in r)),
+      padded_tokens=self.global_batch * t,
+    )
     local = row_ids[self.host_slice]  # a partial last batch (drop_last=False) pads with empty rows
     return self._assemble(local + [()] * (self.local - len(local)), t)
 
   def _assemble(self, rows: list[tuple[int, ...]], t: int) -> dict[str, np.ndarray]:
     shape = (len(rows), t)
-    out = dict(input_ids=np.full(shape, self.pad_id, np.int32),
-               loss_mask=np.zeros(shape, np.int32), attention_mask=np.zeros(shape, np.int32),
-               segment_ids=np.zeros(shape, np.int32), positions=np.zeros(shape, np.int32))
+    out = dict(
+      input_ids=np.full(shape, self.pad_id, np.int32),
+      loss_mask=np.zeros(shape, np.int32),
+      attention_mask=np.zeros(shape, np.int32),
+      segment_ids=np.zeros(shape, np.int32),
+      positions=np.zeros(shape, np.int32),
+    )
     for b, row in enumerate(rows):
       at = 0
       for seg, i in enumerate(row, start=1):
@@ -307,7 +362,7 @@ class DataIterator:
         end = at + len(x)
         out["input_ids"][b, at:end] = x
         # A segment's first token has nothing before it in its segment to be predicted from.
-        out["loss_mask"][b, at + 1:end] = m[1:]
+        out["loss_mask"][b, at + 1 : end] = m[1:]
         out["attention_mask"][b, at:end] = 1
         out["segment_ids"][b, at:end] = seg
         out["positions"][b, at:end] = np.arange(len(x))
@@ -315,19 +370,42 @@ class DataIterator:
     return out
 
 
-def make_iterator(examples: Examples, global_batch: int, seed: int = 0, epoch: int = 0,
-                  process_index: int = 0, process_count: int = 1, packing: bool = False,
-                  max_length: int | None = None, pad_id: int = 0, bucket: int = 64,
-                  shuffle: bool = True, drop_last: bool = True, num_epochs: int | None = None,
-                  state: dict | None = None) -> DataIterator:
+def make_iterator(
+  examples: Examples,
+  global_batch: int,
+  seed: int = 0,
+  epoch: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+  packing: bool = False,
+  max_length: int | None = None,
+  pad_id: int = 0,
+  bucket: int = 64,
+  shuffle: bool = True,
+  drop_last: bool = True,
+  num_epochs: int | None = None,
+  state: dict | None = None,
+) -> DataIterator:
   """Batches of `examples` for this host; resumes exactly from `state` (see DataIterator.state).
 
   max_length defaults to the examples'. For held-out loss use shuffle=False, drop_last=False,
   num_epochs=1: the last global batch is then filled up with empty rows (loss_mask 0).
   """
-  it = DataIterator(examples, global_batch, seed, epoch, process_index, process_count, packing,
-                    max_length or examples.max_length, pad_id, bucket, shuffle, drop_last,
-                    num_epochs)
+  it = DataIterator(
+    examples,
+    global_batch,
+    seed,
+    epoch,
+    process_index,
+    process_count,
+    packing,
+    max_length or examples.max_length,
+    pad_id,
+    bucket,
+    shuffle,
+    drop_last,
+    num_epochs,
+  )
   if state is not None:
     it.restore(state)
   return it

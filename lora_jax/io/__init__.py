@@ -4,5 +4,11 @@ from lora_jax.io.load import load_config, load_pretrained, load_tokenizer, resol
 from lora_jax.io.save import save_pretrained
 from lora_jax.io.sources import CheckpointError
 
-__all__ = ["CheckpointError", "load_config", "load_pretrained", "load_tokenizer", "resolve",
-           "save_pretrained"]
+__all__ = [
+  "CheckpointError",
+  "load_config",
+  "load_pretrained",
+  "load_tokenizer",
+  "resolve",
+  "save_pretrained",
+]

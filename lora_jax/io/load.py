@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lora_jax.config import ModelConfig
 from lora_jax.io.gguf_meta import config_from_gguf, tokenizer_from_gguf
@@ -41,14 +42,18 @@ def resolve(source: str) -> tuple[str, str]:
   if os.path.isfile(source):
     if source.endswith(".gguf"):
       return "gguf", source
-    raise CheckpointError(f"{source} is a file but not a .gguf; pass a HF directory, hub id or .gguf")
+    raise CheckpointError(
+      f"{source} is a file but not a .gguf; pass a HF directory, hub id or .gguf"
+    )
   parts = source.split("/")
   looks_local = source.startswith((".", "/", "~")) or os.sep in source and len(parts) > 3
   if not looks_local and source.endswith(".gguf") and len(parts) >= 3:
     from huggingface_hub import hf_hub_download
+
     return "gguf", hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]))
   if not looks_local and _HUB_ID.match(source):
     from huggingface_hub import snapshot_download
+
     return "hf", snapshot_download(source, allow_patterns=_HUB_PATTERNS)
   raise FileNotFoundError(f"no such file or directory: {source} (and it is not a hub id)")
 
@@ -66,11 +71,13 @@ def load_tokenizer(source: str):
   if kind == "gguf":
     return tokenizer_from_gguf(path)
   from transformers import AutoTokenizer
+
   return AutoTokenizer.from_pretrained(path)
 
 
-def load_pretrained(source: str, dtype="float32", mesh: Mesh | None = None, *,
-                    compute_dtype=None, remat: str = "none") -> Decoder:
+def load_pretrained(
+  source: str, dtype="float32", mesh: Mesh | None = None, *, compute_dtype=None, remat: str = "none"
+) -> Decoder:
   """Load a Qwen2/Qwen3/Llama-family causal LM.
 
   dtype: param dtype ("float32" or "bfloat16"); compute_dtype defaults to it.
@@ -86,19 +93,28 @@ def load_pretrained(source: str, dtype="float32", mesh: Mesh | None = None, *,
     cfg = ModelConfig.from_file(os.path.join(path, "config.json"))
     name_of = lambda e: e.hf
   dtype = jnp.dtype(dtype)
-  model = nnx.eval_shape(lambda: Decoder(cfg, param_dtype=dtype, dtype=compute_dtype, mesh=mesh,
-                                         rngs=nnx.Rngs(0), remat=remat))
+  model = nnx.eval_shape(
+    lambda: Decoder(
+      cfg, param_dtype=dtype, dtype=compute_dtype, mesh=mesh, rngs=nnx.Rngs(0), remat=remat
+    )
+  )
   available = set(src.names())
   table = entries(cfg)
   for e in table:
     var = _variable(model, e.path)
     shape = tuple(var.shape)
     axes = var.get_metadata()["axes"]
-    sharding = (named_sharding(mesh, axes, shape) if mesh is not None
-                else NamedSharding(Mesh(np.array(jax.devices()[:1]), ("x",)), P()))
+    sharding = (
+      named_sharding(mesh, axes, shape)
+      if mesh is not None
+      else NamedSharding(Mesh(np.array(jax.devices()[:1]), ("x",)), P())
+    )
     names = _check_source(src, e, cfg, shape, available, name_of)
-    var.set_value(jax.make_array_from_callback(
-        shape, sharding, lambda idx, e=e, names=names: _slab(src, e, names, idx, dtype)))
+    var.set_value(
+      jax.make_array_from_callback(
+        shape, sharding, lambda idx, e=e, names=names: _slab(src, e, names, idx, dtype)
+      )
+    )
     if isinstance(src, GGUFSource):
       src.forget()
   _report_unused(available, table, cfg, name_of, path)
@@ -115,15 +131,16 @@ def _variable(model, path: str):
 def _check_source(src, e: Entry, cfg: ModelConfig, shape, available, name_of) -> list[str]:
   """The source tensor names for one param, checked for presence and shape."""
   expected = tuple(shape[1:] if e.stacked else shape)
-  names = ([name_of(e).format(i=i) for i in range(cfg.num_layers)] if e.stacked
-           else [name_of(e)])
+  names = [name_of(e).format(i=i) for i in range(cfg.num_layers)] if e.stacked else [name_of(e)]
   for name in names:
     if name not in available:
       raise CheckpointError(f"checkpoint is missing tensor {name}")
     got = tuple(src.shape(name))
     if got != expected:
-      raise CheckpointError(f"tensor {name} has shape {list(got)}, expected {list(expected)} "
-                            f"for a {cfg.family} model with this config")
+      raise CheckpointError(
+        f"tensor {name} has shape {list(got)}, expected {list(expected)} "
+        f"for a {cfg.family} model with this config"
+      )
   return names
 
 
@@ -146,7 +163,7 @@ def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
   nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
   raw = np.empty(nbytes + align, np.uint8)
   start = (-raw.ctypes.data) % align
-  return raw[start:start + nbytes].view(dtype).reshape(shape)
+  return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def _fill(src, name: str, idx: tuple[slice, ...], out: np.ndarray) -> None:
@@ -164,9 +181,13 @@ def _report_unused(available, table, cfg: ModelConfig, name_of, path: str) -> No
   used = set()
   for e in table:
     used.update(name_of(e).format(i=i) for i in range(cfg.num_layers)) if e.stacked else used.add(
-        name_of(e))
-  extra = sorted(n for n in available - used
-                 if not any(re.search(p, n) for p in IGNORED_HF)
-                 and not (cfg.tie_word_embeddings and n in ("lm_head.weight", "output.weight")))
+      name_of(e)
+    )
+  extra = sorted(
+    n
+    for n in available - used
+    if not any(re.search(p, n) for p in IGNORED_HF)
+    and not (cfg.tie_word_embeddings and n in ("lm_head.weight", "output.weight"))
+  )
   if extra:
     log.warning("%s: %d checkpoint tensors were not loaded (e.g. %s)", path, len(extra), extra[:3])

@@ -29,24 +29,47 @@ _MLP = {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 def entries(cfg: ModelConfig) -> list[Entry]:
   """The tensors a model of this config has, in a stable order."""
   out = [Entry("embed", "model.embed_tokens.weight", "token_embd.weight")]
-  out.append(Entry("layers.attn_norm", "model.layers.{i}.input_layernorm.weight",
-                   "blk.{i}.attn_norm.weight"))
+  out.append(
+    Entry("layers.attn_norm", "model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight")
+  )
   for ours, gg in _ATTN.items():
-    out.append(Entry(f"layers.{ours}.kernel", f"model.layers.{{i}}.self_attn.{ours}.weight",
-                     f"blk.{{i}}.{gg}.weight"))
+    out.append(
+      Entry(
+        f"layers.{ours}.kernel",
+        f"model.layers.{{i}}.self_attn.{ours}.weight",
+        f"blk.{{i}}.{gg}.weight",
+      )
+    )
     if cfg.qkv_bias and ours != "o_proj":
-      out.append(Entry(f"layers.{ours}.bias", f"model.layers.{{i}}.self_attn.{ours}.bias",
-                       f"blk.{{i}}.{gg}.bias"))
+      out.append(
+        Entry(
+          f"layers.{ours}.bias", f"model.layers.{{i}}.self_attn.{ours}.bias", f"blk.{{i}}.{gg}.bias"
+        )
+      )
   if cfg.qk_norm:
-    out.append(Entry("layers.q_norm", "model.layers.{i}.self_attn.q_norm.weight",
-                     "blk.{i}.attn_q_norm.weight"))
-    out.append(Entry("layers.k_norm", "model.layers.{i}.self_attn.k_norm.weight",
-                     "blk.{i}.attn_k_norm.weight"))
-  out.append(Entry("layers.mlp_norm", "model.layers.{i}.post_attention_layernorm.weight",
-                   "blk.{i}.ffn_norm.weight"))
+    out.append(
+      Entry(
+        "layers.q_norm", "model.layers.{i}.self_attn.q_norm.weight", "blk.{i}.attn_q_norm.weight"
+      )
+    )
+    out.append(
+      Entry(
+        "layers.k_norm", "model.layers.{i}.self_attn.k_norm.weight", "blk.{i}.attn_k_norm.weight"
+      )
+    )
+  out.append(
+    Entry(
+      "layers.mlp_norm",
+      "model.layers.{i}.post_attention_layernorm.weight",
+      "blk.{i}.ffn_norm.weight",
+    )
+  )
   for ours, gg in _MLP.items():
-    out.append(Entry(f"layers.{ours}.kernel", f"model.layers.{{i}}.mlp.{ours}.weight",
-                     f"blk.{{i}}.{gg}.weight"))
+    out.append(
+      Entry(
+        f"layers.{ours}.kernel", f"model.layers.{{i}}.mlp.{ours}.weight", f"blk.{{i}}.{gg}.weight"
+      )
+    )
   out.append(Entry("final_norm", "model.norm.weight", "output_norm.weight"))
   if not cfg.tie_word_embeddings:
     out.append(Entry("lm_head", "lm_head.weight", "output.weight"))

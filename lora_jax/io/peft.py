@@ -22,18 +22,28 @@ from lora_jax.io.save import to_host
 from lora_jax.io.sources import CheckpointError
 
 _PREFIX = "base_model.model.model.layers"
-_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
-           "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-_KEY = re.compile(rf"^{re.escape(_PREFIX)}\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?"
-                  r"\.weight$")
+_PARENT = {
+  "q_proj": "self_attn",
+  "k_proj": "self_attn",
+  "v_proj": "self_attn",
+  "o_proj": "self_attn",
+  "gate_proj": "mlp",
+  "up_proj": "mlp",
+  "down_proj": "mlp",
+}
+_KEY = re.compile(
+  rf"^{re.escape(_PREFIX)}\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?"
+  r"\.weight$"
+)
 
 
 def _adapted_layers(lin) -> list[int]:
   return [int(i) for i in np.nonzero(to_host(lin.lora_scale))[0]]
 
 
-def save_peft_adapter(model, out_dir: str, lora_cfg: lora_lib.LoRAConfig,
-                      base_model_name_or_path: str = "") -> None:
+def save_peft_adapter(
+  model, out_dir: str, lora_cfg: lora_lib.LoRAConfig, base_model_name_or_path: str = ""
+) -> None:
   """Write the model's adapter as a PEFT LoRA directory (every process calls; process 0 writes)."""
   names = lora_lib.adapted(model)
   if not names:
@@ -49,19 +59,26 @@ def save_peft_adapter(model, out_dir: str, lora_cfg: lora_lib.LoRAConfig,
       tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
   num_layers = model.config.num_layers
   config = {
-      "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path":
-      base_model_name_or_path, "r": lora_cfg.rank, "lora_alpha": lora_cfg.alpha,
-      "lora_dropout": lora_cfg.dropout, "target_modules": list(names), "bias": "none",
-      "fan_in_fan_out": False, "use_rslora": lora_cfg.use_rslora, "init_lora_weights": True,
-      "inference_mode": True, "modules_to_save": None,
-      "layers_to_transform": None if len(layers) == num_layers else layers,
-      "layers_pattern": None if len(layers) == num_layers else "layers",
+    "peft_type": "LORA",
+    "task_type": "CAUSAL_LM",
+    "base_model_name_or_path": base_model_name_or_path,
+    "r": lora_cfg.rank,
+    "lora_alpha": lora_cfg.alpha,
+    "lora_dropout": lora_cfg.dropout,
+    "target_modules": list(names),
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "use_rslora": lora_cfg.use_rslora,
+    "init_lora_weights": True,
+    "inference_mode": True,
+    "modules_to_save": None,
+    "layers_to_transform": None if len(layers) == num_layers else layers,
+    "layers_pattern": None if len(layers) == num_layers else "layers",
   }
   if jax.process_index() != 0:
     return
   os.makedirs(out_dir, exist_ok=True)
-  save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"),
-            metadata={"format": "pt"})
+  save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
   with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
     json.dump(config, f, indent=2)
 
@@ -80,14 +97,19 @@ def read_peft_config(adapter_dir: str) -> lora_lib.LoRAConfig:
     raise CheckpointError(f"{path}: per-module rank_pattern/alpha_pattern is not supported")
   targets = c["target_modules"]
   if isinstance(targets, str):
-    raise CheckpointError(f"{path}: regex target_modules {targets!r} is not supported; "
-                          "list the module names")
+    raise CheckpointError(
+      f"{path}: regex target_modules {targets!r} is not supported; list the module names"
+    )
   # The reference writes per-layer targets ("layers.16.mlp.up_proj"); the weights file says
   # which layers are adapted either way, so keep only the module names here.
   modules = sorted({t.rsplit(".", 1)[-1] for t in targets}, key=lora_lib.LINEARS.index)
-  return lora_lib.LoRAConfig(rank=int(c["r"]), alpha=float(c["lora_alpha"]),
-                             dropout=float(c.get("lora_dropout", 0.0)), targets=tuple(modules),
-                             use_rslora=bool(c.get("use_rslora", False)))
+  return lora_lib.LoRAConfig(
+    rank=int(c["r"]),
+    alpha=float(c["lora_alpha"]),
+    dropout=float(c.get("lora_dropout", 0.0)),
+    targets=tuple(modules),
+    use_rslora=bool(c.get("use_rslora", False)),
+  )
 
 
 def load_peft_adapter(model, adapter_dir: str):
@@ -117,8 +139,10 @@ def load_peft_adapter(model, adapter_dir: str):
       want = {"A": a.shape[:0:-1], "B": b.shape[:0:-1]}
       for part in "AB":
         if ab[part].shape != want[part]:
-          raise CheckpointError(f"{path}: layers.{layer}.{name}.lora_{part} has shape "
-                                f"{list(ab[part].shape)}, expected {list(want[part])}")
+          raise CheckpointError(
+            f"{path}: layers.{layer}.{name}.lora_{part} has shape "
+            f"{list(ab[part].shape)}, expected {list(want[part])}"
+          )
       a[layer], b[layer] = ab["A"].T, ab["B"].T
       scale[layer] = cfg.scale
     for var, value in ((lin.lora_a, a), (lin.lora_b, b), (lin.lora_scale, scale)):

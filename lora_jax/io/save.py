@@ -25,12 +25,19 @@ def to_host(x) -> np.ndarray:
   x = x[...] if hasattr(x, "get_metadata") else x
   if jax.process_count() > 1 and not x.is_fully_addressable:
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
 
 
-def save_pretrained(model: Decoder, out_dir: str, *, dtype: str | None = None,
-                    max_shard_bytes: int = 5 * 2**30, tokenizer=None) -> None:
+def save_pretrained(
+  model: Decoder,
+  out_dir: str,
+  *,
+  dtype: str | None = None,
+  max_shard_bytes: int = 5 * 2**30,
+  tokenizer=None,
+) -> None:
   """Write `out_dir/{config.json, model*.safetensors[, index]}` (and the tokenizer if given).
 
   dtype: stored dtype (default: the model's param dtype). Every process must call this (params
@@ -58,8 +65,9 @@ def save_pretrained(model: Decoder, out_dir: str, *, dtype: str | None = None,
   weight_map = {}
   for e in entries(cfg):
     arr = _merged(model, e.path)
-    tensors = ([(e.hf.format(i=i), arr[i]) for i in range(arr.shape[0])] if e.stacked
-               else [(e.hf, arr)])
+    tensors = (
+      [(e.hf.format(i=i), arr[i]) for i in range(arr.shape[0])] if e.stacked else [(e.hf, arr)]
+    )
     for name, t in tensors:
       t = np.ascontiguousarray(t.astype(np_dtype))
       if sizes[-1] and sizes[-1] + t.nbytes > max_shard_bytes:
@@ -78,9 +86,10 @@ def save_pretrained(model: Decoder, out_dir: str, *, dtype: str | None = None,
     final = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
     for tmp, name in zip(files, final):
       os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, name))
-    index = {"metadata": {"total_size": sum(os.path.getsize(os.path.join(out_dir, f))
-                                            for f in final)},
-             "weight_map": {n: final[i] for n, i in sorted(weight_map.items())}}
+    index = {
+      "metadata": {"total_size": sum(os.path.getsize(os.path.join(out_dir, f)) for f in final)},
+      "weight_map": {n: final[i] for n, i in sorted(weight_map.items())},
+    }
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
       json.dump(index, f, indent=2)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -93,7 +102,7 @@ def _merged(model: Decoder, path: str) -> np.ndarray:
   """A param on the host; for a LoRA-adapted kernel, W + scale * A @ B per layer."""
   parent, leaf = path.rsplit(".", 1) if "." in path else (None, path)
   obj = model
-  for part in (parent.split(".") if parent else []):
+  for part in parent.split(".") if parent else []:
     obj = getattr(obj, part)
   w = to_host(getattr(obj, leaf))
   if leaf == "kernel" and getattr(obj, "lora_a", None) is not None:
@@ -101,5 +110,6 @@ def _merged(model: Decoder, path: str) -> np.ndarray:
     b = to_host(obj.lora_b).astype(np.float32)
     scale = to_host(obj.lora_scale).astype(np.float32)
     w = (w.astype(np.float32) + scale[:, None, None] * np.einsum("lir,lro->loi", a, b)).astype(
-        w.dtype)
+      w.dtype
+    )
   return w

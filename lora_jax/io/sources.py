@@ -11,15 +11,22 @@ import json
 import os
 import re
 import struct
-from typing import Iterable
+from collections.abc import Iterable
 
 import ml_dtypes
 import numpy as np
 
 _ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+  "I64": np.int64,
+  "I32": np.int32,
+  "I16": np.int16,
+  "I8": np.int8,
+  "U8": np.uint8,
+  "BOOL": np.bool_,
 }
 
 
@@ -42,7 +49,9 @@ class SafetensorsSource:
     else:
       found = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
       if not found:
-        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {directory}")
+        raise CheckpointError(
+          f"no model.safetensors or model.safetensors.index.json in {directory}"
+        )
       files = found
     self._meta: dict[str, tuple[str, np.dtype, tuple[int, ...], int]] = {}
     self._scratch = np.empty(0, np.uint8)
@@ -83,7 +92,7 @@ class SafetensorsSource:
     with open(path, "rb", buffering=0) as f:
       done = 0
       while done < nbytes:  # one read(2) moves at most ~2 GiB
-        got = os.preadv(f.fileno(), [view[done:done + (1 << 30)]], pos + done)
+        got = os.preadv(f.fileno(), [view[done : done + (1 << 30)]], pos + done)
         if got <= 0:
           raise CheckpointError(f"{path}: tensor {name} is truncated")
         done += got
@@ -100,8 +109,12 @@ def _read_header(path: str) -> dict:
       continue
     if info["dtype"] not in _ST_DTYPES:
       raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-    out[name] = (path, np.dtype(_ST_DTYPES[info["dtype"]]), tuple(info["shape"]),
-                 8 + n + info["data_offsets"][0])
+    out[name] = (
+      path,
+      np.dtype(_ST_DTYPES[info["dtype"]]),
+      tuple(info["shape"]),
+      8 + n + info["data_offsets"][0],
+    )
   return out
 
 
@@ -118,8 +131,10 @@ class GGUFSource:
     except ValueError as e:  # the reader maps type ids to an enum while parsing the header
       bad = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(e))
       if bad:
-        raise CheckpointError(f"{path}: unknown quant type {bad.group(1)} (not a ggml type the "
-                              f"installed gguf package knows)") from None
+        raise CheckpointError(
+          f"{path}: unknown quant type {bad.group(1)} (not a ggml type the "
+          f"installed gguf package knows)"
+        ) from None
       raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
     self._tensors = {t.name: t for t in self.reader.tensors}
     self.arch = self.field("general.architecture")
@@ -155,8 +170,10 @@ class GGUFSource:
       # several times slower (numpy memmap bookkeeping on every row-group view).
       arr = self._gguf.quants.dequantize(np.array(t.data), qtype)
     except NotImplementedError as e:
-      raise CheckpointError(f"{self.path}: tensor {name} has quant type {qtype.name} that the "
-                            f"gguf package cannot dequantise") from e
+      raise CheckpointError(
+        f"{self.path}: tensor {name} has quant type {qtype.name} that the "
+        f"gguf package cannot dequantise"
+      ) from e
     arr = np.asarray(arr, dtype=np.float32).reshape(self.shape(name))
     # llama.cpp's converter permutes q/k rows of Llama-family weights for its rope layout.
     if self.arch == "llama" and (".attn_q." in name or ".attn_k." in name):

@@ -20,13 +20,14 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lora_jax.model import Decoder
 from lora_jax.sampling.forward import cache_sharding, forward, layer_params, logits, new_cache
@@ -42,6 +43,7 @@ _LOG_EVERY_S = 30.0
 @dataclasses.dataclass
 class Request:
   """One answer to generate. `index`/`sample` name it in the result and seed its randomness."""
+
   prompt: Sequence[int]
   max_new_tokens: int
   index: int = 0
@@ -86,9 +88,18 @@ class Engine:
   copy; default on CPU, where it makes decode ~2.5x faster).
   """
 
-  def __init__(self, model: Decoder, *, max_len: int, max_batch: int | str = 8,
-               stop_token_ids: Iterable[int] = (), steps: int = 32, unstack: bool | None = None,
-               max_cache_gb: float | None = None, want_batch: int | None = None):
+  def __init__(
+    self,
+    model: Decoder,
+    *,
+    max_len: int,
+    max_batch: int | str = 8,
+    stop_token_ids: Iterable[int] = (),
+    steps: int = 32,
+    unstack: bool | None = None,
+    max_cache_gb: float | None = None,
+    want_batch: int | None = None,
+  ):
     self.model = model
     self.cfg = model.config
     self.mesh = model.mesh
@@ -96,8 +107,16 @@ class Engine:
     self.steps = int(steps)
     self.graphdef, self.state = nnx.split(model)
     self.cap_max = -(-self.max_len // 64) * 64  # the cache never grows past this
-    plan = functools.partial(plan_batch, self.cfg, max_batch, self.cap_max, model.dtype,
-                             mesh=self.mesh, max_cache_gb=max_cache_gb, want=want_batch or 256)
+    plan = functools.partial(
+      plan_batch,
+      self.cfg,
+      max_batch,
+      self.cap_max,
+      model.dtype,
+      mesh=self.mesh,
+      max_cache_gb=max_cache_gb,
+      want=want_batch or 256,
+    )
     stacked = nnx.to_pure_dict(nnx.state(model.layers))
     copies = sum(s.data.nbytes for a in jax.tree.leaves(stacked) for s in a.addressable_shards)
     auto = unstack is None
@@ -107,14 +126,17 @@ class Engine:
     except SamplingError:
       if not (auto and unstack):
         raise
-      log.info("no room for per-layer weight copies (%.2f GiB): decoding from the stacked "
-               "weights, more slowly", copies / (1 << 30))
+      log.info(
+        "no room for per-layer weight copies (%.2f GiB): decoding from the stacked "
+        "weights, more slowly",
+        copies / (1 << 30),
+      )
       unstack = False
       self.batch = plan(extra_bytes=0)
     self.layers = layer_params(model, unstack)
     ids = sorted(set(int(t) for t in stop_token_ids))
     self.stop_ids = np.full((max(1, _pow2(len(ids))),), -1, np.int32)
-    self.stop_ids[:len(ids)] = ids
+    self.stop_ids[: len(ids)] = ids
     self._stop_set = set(ids)
     self.cache = None
     self.stats = collections.Counter()
@@ -127,12 +149,16 @@ class Engine:
       if len(r.prompt) == 0:
         raise SamplingError(f"prompt {r.index} is empty")
       if len(r.prompt) >= self.max_len:
-        raise SamplingError(f"prompt {r.index} has {len(r.prompt)} tokens but the cache holds "
-                            f"{self.max_len} per sequence (max_len); raise max_len or shorten it")
+        raise SamplingError(
+          f"prompt {r.index} has {len(r.prompt)} tokens but the cache holds "
+          f"{self.max_len} per sequence (max_len); raise max_len or shorten it"
+        )
       if not all(0 <= t < self.cfg.vocab_size for t in r.prompt):
         bad = next(t for t in r.prompt if not 0 <= t < self.cfg.vocab_size)
-        raise SamplingError(f"prompt {r.index} has token id {bad}, outside the vocabulary "
-                            f"(0..{self.cfg.vocab_size - 1})")
+        raise SamplingError(
+          f"prompt {r.index} has token id {bad}, outside the vocabulary "
+          f"(0..{self.cfg.vocab_size - 1})"
+        )
     B = self.batch
     self._rows: list[_Row | None] = [None] * B
     self._host = _HostState(B)
@@ -148,9 +174,13 @@ class Engine:
       yield from self._decode_round(exit_on_finish=bool(queue))
       if time.perf_counter() - last_log > _LOG_EVERY_S and jax.process_index() == 0:
         last_log = time.perf_counter()
-        log.info("sampling: %d answers done, %d waiting, %d in progress; %.1f tokens/s",
-                 self.stats["answers"], len(queue), sum(r is not None for r in self._rows),
-                 self.stats["decode_tokens"] / max(1e-9, last_log - t0))
+        log.info(
+          "sampling: %d answers done, %d waiting, %d in progress; %.1f tokens/s",
+          self.stats["answers"],
+          len(queue),
+          sum(r is not None for r in self._rows),
+          self.stats["decode_tokens"] / max(1e-9, last_log - t0),
+        )
 
   # ---- refill ----------------------------------------------------------------------------------
   def _refill(self, free: list[int], queue) -> Iterator[Completion]:
@@ -170,35 +200,43 @@ class Engine:
     ids = np.zeros((nu, tb), np.int32)
     lens = np.ones((nu,), np.int32)
     for i, p in enumerate(prompts):
-      ids[i, :len(p)] = p
+      ids[i, : len(p)] = p
       lens[i] = len(p)
     heads = self.cfg.num_heads
     chunk = tb
     while chunk % 2 == 0 and chunk > 64 and nu * heads * chunk * tb * 4 > _PREFILL_SCORES_BYTES:
       chunk //= 2
-    tmp, logits = _prefill(self.graphdef, self.state, self.layers, self._put(ids),
-                           self._put(lens), chunk=chunk)
-    self.stats["prefill_tokens"] += int(lens[:len(prompts)].sum())
+    tmp, logits = _prefill(
+      self.graphdef, self.state, self.layers, self._put(ids), self._put(lens), chunk=chunk
+    )
+    self.stats["prefill_tokens"] += int(lens[: len(prompts)].sum())
     self.stats["prefill_calls"] += 1
 
     self._ensure_cache(max(tb, self._needed()))
     m = _pow2(len(reqs))
     row_arr = np.full((m,), self.batch, np.int32)  # padding rows point past the cache: dropped
     src_arr = np.zeros((m,), np.int32)
-    row_arr[:len(rows)], src_arr[:len(rows)] = rows, src
+    row_arr[: len(rows)], src_arr[: len(rows)] = rows, src
     h = self._host
     for r, b in zip(reqs, rows):
       h.admit(b, r, min(r.max_new_tokens, self.max_len - len(r.prompt)))
     self.cache = _insert(self.mesh, self.cache, tmp, self._put(row_arr), self._put(src_arr))
-    first = np.asarray(_first_tokens(self.mesh, logits, self._put(src_arr),
-                                     self._put(h.key[np.minimum(row_arr, self.batch - 1)]),
-                                     self._put(h.sampling(row_arr)),
-                                     greedy=all(r.temperature <= 0 for r in reqs)))
+    first = np.asarray(
+      _first_tokens(
+        self.mesh,
+        logits,
+        self._put(src_arr),
+        self._put(h.key[np.minimum(row_arr, self.batch - 1)]),
+        self._put(h.sampling(row_arr)),
+        greedy=all(r.temperature <= 0 for r in reqs),
+      )
+    )
     for r, b, tok in zip(reqs, rows, first):
       self._rows[b] = _Row(r)
       h.tok[b], h.pos[b], h.gen[b], h.active[b] = tok, len(r.prompt), 1, True
-      done = self._accept(b, [int(tok)], device_active=not (
-          int(tok) in self._stop_set or h.max_new[b] <= 1))
+      done = self._accept(
+        b, [int(tok)], device_active=not (int(tok) in self._stop_set or h.max_new[b] <= 1)
+      )
       if done is not None:
         yield done
 
@@ -208,9 +246,17 @@ class Engine:
     self._ensure_cache(self._needed(), shrink=True)
     state = self._put(h.device_state())
     greedy = not np.any(h.temperature[h.active] > 0)
-    self.cache, out, n = _decode(self.graphdef, self.state, self.layers, self.cache, state,
-                                 self._put(self.stop_ids), self._put(np.bool_(exit_on_finish)),
-                                 steps=self.steps, greedy=bool(greedy))
+    self.cache, out, n = _decode(
+      self.graphdef,
+      self.state,
+      self.layers,
+      self.cache,
+      state,
+      self._put(self.stop_ids),
+      self._put(np.bool_(exit_on_finish)),
+      steps=self.steps,
+      greedy=bool(greedy),
+    )
     out, n = np.asarray(out), int(n)
     done = []
     for b, row in enumerate(self._rows):
@@ -254,8 +300,9 @@ class Engine:
     """Slots the next round may write: up to `steps` more tokens for each live row."""
     h = self._host
     live = [b for b in range(self.batch) if self._rows[b] is not None and h.active[b]]
-    return max([min(h.pos[b] + self.steps, h.prompt_len[b] + h.max_new[b] - 1) + 1
-                for b in live], default=1)
+    return max(
+      [min(h.pos[b] + self.steps, h.prompt_len[b] + h.max_new[b] - 1) + 1 for b in live], default=1
+    )
 
   def _ensure_cache(self, needed: int, shrink: bool = False) -> None:
     size = min(bucket(needed, 64), self.cap_max)
@@ -304,21 +351,35 @@ class _HostState:
   def admit(self, b: int, r: Request, max_new: int) -> None:
     self.max_new[b], self.prompt_len[b] = max_new, len(r.prompt)
     self.temperature[b], self.top_k[b], self.top_p[b], self.min_p[b] = (
-        r.temperature, r.top_k, r.top_p, r.min_p)
+      r.temperature,
+      r.top_k,
+      r.top_p,
+      r.min_p,
+    )
     self.key[b] = request_key(r.seed, r.index, r.sample)
 
   def sampling(self, rows) -> dict:
     rows = np.minimum(rows, len(self.tok) - 1)
-    return {"temperature": self.temperature[rows], "top_k": self.top_k[rows],
-            "top_p": self.top_p[rows], "min_p": self.min_p[rows]}
+    return {
+      "temperature": self.temperature[rows],
+      "top_k": self.top_k[rows],
+      "top_p": self.top_p[rows],
+      "min_p": self.min_p[rows],
+    }
 
   def device_state(self) -> dict:
-    return {"tok": self.tok, "pos": self.pos, "gen": self.gen, "max_new": self.max_new,
-            "active": self.active, "key": self.key,
-            **self.sampling(np.arange(len(self.tok)))}
+    return {
+      "tok": self.tok,
+      "pos": self.pos,
+      "gen": self.gen,
+      "max_new": self.max_new,
+      "active": self.active,
+      "key": self.key,
+      **self.sampling(np.arange(len(self.tok))),
+    }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _key_shape() -> tuple[int, ...]:
   return jax.random.key_data(jax.random.key(0)).shape
 
@@ -356,9 +417,9 @@ def _new_cache(graphdef, state, batch, length):
 def _resize(mesh, cache, length):
   def one(c):
     cur = c.shape[1]
-    c = (jnp.pad(c, ((0, 0), (0, length - cur), (0, 0), (0, 0))) if length > cur
-         else c[:, :length])
+    c = jnp.pad(c, ((0, 0), (0, length - cur), (0, 0), (0, 0))) if length > cur else c[:, :length]
     return c if mesh is None else jax.lax.with_sharding_constraint(c, cache_sharding(mesh, c.shape))
+
   return jax.tree.map(one, cache)
 
 
@@ -415,8 +476,9 @@ def _first_tokens(mesh, logits, src, keys, sampling, *, greedy):
   return _replicated(_pick(logits[src], keys, sampling, greedy), mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "greedy"),
-                   donate_argnames=("cache",))
+@functools.partial(
+  jax.jit, static_argnames=("graphdef", "steps", "greedy"), donate_argnames=("cache",)
+)
 def _decode(graphdef, state, layers, cache, st, stop_ids, exit_on_finish, *, steps, greedy):
   """Up to `steps` tokens for every active row. Returns the cache, the new tokens [B, steps]
   (-1 where a row produced none) and the number of steps run."""
@@ -436,8 +498,13 @@ def _decode(graphdef, state, layers, cache, st, stop_ids, exit_on_finish, *, ste
     out = out.at[:, i].set(jnp.where(act, tok, -1))
     gen = s["gen"] + act
     done = act & (jnp.any(tok[:, None] == stop_ids[None, :], -1) | (gen >= s["max_new"]))
-    s = {**s, "tok": jnp.where(act, tok, s["tok"]), "pos": s["pos"] + act, "gen": gen,
-         "active": act & ~done}
+    s = {
+      **s,
+      "tok": jnp.where(act, tok, s["tok"]),
+      "pos": s["pos"] + act,
+      "gen": gen,
+      "active": act & ~done,
+    }
     return i + 1, cache, s, out, any_done | jnp.any(done)
 
   init = (jnp.int32(0), cache, st, jnp.full((B, steps), -1, jnp.int32), jnp.bool_(False))

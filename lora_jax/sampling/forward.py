@@ -80,8 +80,7 @@ def logits(m: Decoder, hidden):
   if not _weight_major(B * T):
     return m.logits(hidden)
   head = m.embed[...] if m.lm_head is None else m.lm_head[...]
-  out = jnp.einsum("vd,btd->vbt", head.astype(m.dtype), hidden,
-                   preferred_element_type=jnp.float32)
+  out = jnp.einsum("vd,btd->vbt", head.astype(m.dtype), hidden, preferred_element_type=jnp.float32)
   out = jnp.transpose(jax.lax.optimization_barrier(out), (1, 2, 0))
   return constrain(out, m.mesh, ("batch", "seq", "act_vocab"))
 
@@ -99,7 +98,7 @@ def forward(m: Decoder, layers, ids, positions, cache):
   rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
   new_cache = []
   for i in range(cfg.num_layers):
-    p = layers[i] if isinstance(layers, list) else jax.tree.map(lambda a: a[i], layers)
+    p = layers[i] if isinstance(layers, list) else jax.tree.map(lambda a, i=i: a[i], layers)
     x, kv = _layer(m, p, x, cos, sin, allowed, cache[i], rows, positions)
     new_cache.append(kv)
   return rms_norm(x, m.final_norm[...], cfg.rms_norm_eps), new_cache

@@ -37,6 +37,7 @@ def budget(mesh, max_cache_gb: float | None) -> tuple[float, str]:
     free = min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
     return free * len(devices), f"free memory of {len(devices)} {devices[0].platform} devices"
   import psutil  # CPU devices (real or fake) share the host's RAM
+
   return psutil.virtual_memory().available, "available host RAM"
 
 
@@ -50,8 +51,17 @@ def physical_cache_bytes(cfg: ModelConfig, batch: int, length: int, dtype, mesh=
   return total * mesh.size // math.prod(mesh.shape[a] for a in axes)
 
 
-def plan_batch(cfg: ModelConfig, batch: int | str, length: int, dtype, *, extra_bytes: int = 0,
-               mesh=None, max_cache_gb: float | None = None, want: int = _AUTO_MAX_BATCH) -> int:
+def plan_batch(
+  cfg: ModelConfig,
+  batch: int | str,
+  length: int,
+  dtype,
+  *,
+  extra_bytes: int = 0,
+  mesh=None,
+  max_cache_gb: float | None = None,
+  want: int = _AUTO_MAX_BATCH,
+) -> int:
   """The number of cache rows: `batch` if it fits, or with batch="auto" the most that fit (at most
   `want`). extra_bytes: other memory the sampler allocates (per-layer weight copies)."""
   avail, source = budget(mesh, max_cache_gb)
@@ -63,15 +73,25 @@ def plan_batch(cfg: ModelConfig, batch: int | str, length: int, dtype, *, extra_
   batch = int(batch)
   cache = physical_cache_bytes(cfg, batch, length, dtype, mesh)
   if jax.process_index() == 0:
-    log.info("KV cache: %d rows x %d tokens x %d layers x 2 (k, v) x %d kv heads x %d dims x %d "
-             "bytes = %.3f GiB%s; %.2f GiB available (%s)", batch, length, cfg.num_layers,
-             cfg.num_kv_heads, cfg.head_dim, np.dtype(dtype).itemsize, cache / GiB,
-             f" + {extra_bytes / GiB:.3f} GiB per-layer weight copies" if extra_bytes else "",
-             avail / GiB, source)
+    log.info(
+      "KV cache: %d rows x %d tokens x %d layers x 2 (k, v) x %d kv heads x %d dims x %d "
+      "bytes = %.3f GiB%s; %.2f GiB available (%s)",
+      batch,
+      length,
+      cfg.num_layers,
+      cfg.num_kv_heads,
+      cfg.head_dim,
+      np.dtype(dtype).itemsize,
+      cache / GiB,
+      f" + {extra_bytes / GiB:.3f} GiB per-layer weight copies" if extra_bytes else "",
+      avail / GiB,
+      source,
+    )
   if cache + extra_bytes > avail:
     raise SamplingError(
-        f"max_batch={batch} needs a {cache / GiB:.2f} GiB KV cache ({batch} x {length} tokens)"
-        + (f" + {extra_bytes / GiB:.2f} GiB of weight copies" if extra_bytes else "")
-        + f" but only {avail / GiB:.2f} GiB is available ({source}); lower max_batch or "
-        "max_new_tokens, raise max_cache_gb, or pass max_batch='auto'")
+      f"max_batch={batch} needs a {cache / GiB:.2f} GiB KV cache ({batch} x {length} tokens)"
+      + (f" + {extra_bytes / GiB:.2f} GiB of weight copies" if extra_bytes else "")
+      + f" but only {avail / GiB:.2f} GiB is available ({source}); lower max_batch or "
+      "max_new_tokens, raise max_cache_gb, or pass max_batch='auto'"
+    )
   return batch

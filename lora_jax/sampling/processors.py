@@ -40,8 +40,9 @@ def keep_threshold(probs, top_k, top_p, min_p):
   """tau [B]: the tokens with probs >= tau survive top-k, then top-p (on the renormalised
   top-k set), then min-p. probs [B, V] sum to 1 per row."""
   filtered = (top_k > 0) | (top_p < 1.0) | (min_p > 0.0)
-  return jax.lax.cond(jnp.any(filtered), _threshold, lambda *a: jnp.zeros(probs.shape[:1]),
-                      probs, top_k, top_p, min_p)
+  return jax.lax.cond(
+    jnp.any(filtered), _threshold, lambda *a: jnp.zeros(probs.shape[:1]), probs, top_k, top_p, min_p
+  )
 
 
 def _threshold(probs, top_k, top_p, min_p):
@@ -54,9 +55,12 @@ def _threshold(probs, top_k, top_p, min_p):
   k_in = (top_k > 0) & (top_k <= kc)
   k_far = (top_k > kc) & (top_k < V)
   tau_k = jnp.where(k_in, cand[rows, jnp.clip(top_k - 1, 0, kc - 1)], 0.0)
-  tau_k = jax.lax.cond(jnp.any(k_far), lambda t: jnp.where(
-      k_far, _bisect(probs, jnp.ones_like(probs), top_k.astype(jnp.float32)), t),
-      lambda t: t, tau_k)
+  tau_k = jax.lax.cond(
+    jnp.any(k_far),
+    lambda t: jnp.where(k_far, _bisect(probs, jnp.ones_like(probs), top_k.astype(jnp.float32)), t),
+    lambda t: t,
+    tau_k,
+  )
 
   # top-p on the top-k set: the smallest prefix (by probability) whose mass reaches top_p.
   mass_k = jnp.sum(jnp.where(probs >= tau_k[:, None], probs, 0.0), -1)
@@ -66,9 +70,14 @@ def _threshold(probs, top_k, top_p, min_p):
   use_p = top_p < 1.0
   p_far = use_p & (first >= kc)
   tau_p = jnp.where(use_p & ~p_far, cand[rows, jnp.clip(first, 0, kc - 1)], 0.0)
-  tau_p = jax.lax.cond(jnp.any(p_far), lambda t: jnp.where(
-      p_far, _bisect(probs, jnp.where(probs >= tau_k[:, None], probs, 0.0), target), t),
-      lambda t: t, tau_p)
+  tau_p = jax.lax.cond(
+    jnp.any(p_far),
+    lambda t: jnp.where(
+      p_far, _bisect(probs, jnp.where(probs >= tau_k[:, None], probs, 0.0), target), t
+    ),
+    lambda t: t,
+    tau_p,
+  )
 
   # min-p: relative to the most probable token, which every filter above keeps.
   tau_m = min_p * cand[:, 0]

@@ -11,7 +11,7 @@ one and its text ends just before the stop string.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 _CONTEXT = 6  # already-decoded tokens re-decoded with new ones (BPE merges, leading spaces)
 
@@ -48,10 +48,12 @@ class StopStrings:
   def _scan(self, end: int) -> tuple[str | None, str]:
     """(first stop string in the text of ids[:end] not searched before, or None; the new text)."""
     context = max(0, self.done - _CONTEXT)
-    old = self.decode(self.ids[context:self.done])
+    old = self.decode(self.ids[context : self.done])
     new = self.decode(self.ids[context:end])
-    fresh = new[len(old):] if new.startswith(old) else self.decode(self.ids[:end])[len(self.text):]
-    hay = self.text[max(0, len(self.text) - self.longest + 1):] + fresh.rstrip("\ufffd")
+    fresh = (
+      new[len(old) :] if new.startswith(old) else self.decode(self.ids[:end])[len(self.text) :]
+    )
+    hay = self.text[max(0, len(self.text) - self.longest + 1) :] + fresh.rstrip("\ufffd")
     hits = [(hay.find(s), s) for s in self.stops if s in hay]
     return (min(hits)[1] if hits else None), fresh
 

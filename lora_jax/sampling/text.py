@@ -9,7 +9,7 @@ Raw-text prompts (chat_template=False) are encoded as the tokenizer does by defa
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from lora_jax.model import Decoder
 from lora_jax.sampling.generate import requests_for, run
@@ -42,25 +42,44 @@ def encode_prompts(tokenizer, prompts: Sequence, chat_template: bool = True) -> 
         continue
       p = [{"role": "user", "content": p}]
     if not isinstance(p, (list, tuple)) or not all(
-        isinstance(m, dict) and "role" in m and "content" in m for m in p):
-      raise SamplingError(f"prompt {i} is a {type(p).__name__}; expected a string or a list of "
-                          "{'role', 'content'} messages")
+      isinstance(m, dict) and "role" in m and "content" in m for m in p
+    ):
+      raise SamplingError(
+        f"prompt {i} is a {type(p).__name__}; expected a string or a list of "
+        "{'role', 'content'} messages"
+      )
     if getattr(tokenizer, "chat_template", None) is None:
-      raise SamplingError(f"prompt {i} needs a chat template but the tokenizer has none; "
-                          "pass raw-text prompts with chat_template=False")
+      raise SamplingError(
+        f"prompt {i} needs a chat template but the tokenizer has none; "
+        "pass raw-text prompts with chat_template=False"
+      )
     text = tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=False)
     out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
   return out
 
 
-def generate_text(model: Decoder, tokenizer, prompts: Sequence, max_new_tokens: int = 1024,
-                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                  min_p: float = 0.0, seed: int = 0, n: int = 1, stop: Iterable[str] = (),
-                  stop_token_ids: Iterable[int] = (), chat_template: bool = True,
-                  max_batch: int | str = 8, on_result: Callable[[Result], None] | None = None, *,
-                  max_len: int | None = None, max_cache_gb: float | None = None,
-                  skip: Iterable[tuple[int, int]] = (), skip_special_tokens: bool = True
-                  ) -> list[Result]:
+def generate_text(
+  model: Decoder,
+  tokenizer,
+  prompts: Sequence,
+  max_new_tokens: int = 1024,
+  temperature: float = 0.0,
+  top_p: float = 1.0,
+  top_k: int = 0,
+  min_p: float = 0.0,
+  seed: int = 0,
+  n: int = 1,
+  stop: Iterable[str] = (),
+  stop_token_ids: Iterable[int] = (),
+  chat_template: bool = True,
+  max_batch: int | str = 8,
+  on_result: Callable[[Result], None] | None = None,
+  *,
+  max_len: int | None = None,
+  max_cache_gb: float | None = None,
+  skip: Iterable[tuple[int, int]] = (),
+  skip_special_tokens: bool = True,
+) -> list[Result]:
   """Answers to `prompts` (n per prompt), sorted by (index, sample); `on_result` is called with
   each as it finishes. Generation stops at the model's and tokenizer's eos ids, `stop_token_ids`,
   any string in `stop` (across token boundaries; the text is cut before it) or max_new_tokens.
@@ -70,29 +89,46 @@ def generate_text(model: Decoder, tokenizer, prompts: Sequence, max_new_tokens: 
   stop = tuple(s for s in stop if s)
   decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
   ids = encode_prompts(tokenizer, prompts, chat_template)
-  reqs = requests_for(ids, max_new_tokens, n=n, skip=frozenset(map(tuple, skip)),
-                      stops_for=(lambda: StopStrings(stop, decode)) if stop else None,
-                      temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+  reqs = requests_for(
+    ids,
+    max_new_tokens,
+    n=n,
+    skip=frozenset(map(tuple, skip)),
+    stops_for=(lambda: StopStrings(stop, decode)) if stop else None,
+    temperature=temperature,
+    top_p=top_p,
+    top_k=top_k,
+    min_p=min_p,
+    seed=seed,
+  )
   eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
   results = []
-  for c in run(model, reqs, stop_token_ids=eos | {int(t) for t in stop_token_ids},
-               max_batch=max_batch, max_len=max_len, max_cache_gb=max_cache_gb):
+  for c in run(
+    model,
+    reqs,
+    stop_token_ids=eos | {int(t) for t in stop_token_ids},
+    max_batch=max_batch,
+    max_len=max_len,
+    max_cache_gb=max_cache_gb,
+  ):
     if isinstance(c.stop_reason, str):
       text = truncate_at_stop(decode(c.token_ids), stop)[0]
     elif c.stop_reason is not None:
       text = decode(c.token_ids[:-1])
     else:
       text = decode(c.token_ids)
-    r = Result(c.index, c.sample, text, c.token_ids, c.finish_reason, c.num_prompt_tokens,
-               c.stop_reason)
+    r = Result(
+      c.index, c.sample, text, c.token_ids, c.finish_reason, c.num_prompt_tokens, c.stop_reason
+    )
     if on_result is not None:
       on_result(r)
     results.append(r)
   return sorted(results, key=lambda r: (r.index, r.sample))
 
 
-def chat(model: Decoder, tokenizer, message: str | Sequence[dict], max_new_tokens: int = 256,
-         **kwargs) -> str:
+def chat(
+  model: Decoder, tokenizer, message: str | Sequence[dict], max_new_tokens: int = 256, **kwargs
+) -> str:
   """One greedy answer to `message` (a user message, or a whole conversation)."""
   prompt = [{"role": "user", "content": message}] if isinstance(message, str) else list(message)
   kwargs.setdefault("max_batch", 1)
