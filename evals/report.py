@@ -12,6 +12,7 @@ import json
 import os
 
 REASONING_KINDS = ("math", "gpqa", "code")
+JUDGED_KINDS = ("safety", "over_refusal")  # their numbers are a judge's: the report names it
 KIND_ORDER = ("safety", "over_refusal", "math", "gpqa", "code")
 
 
@@ -63,24 +64,43 @@ def _primary_name(runs: list[tuple[str, list[dict]]], bench: str) -> str:
   return ""
 
 
-def _cell(value: dict | None) -> str:
+def judge_of(bench_scores: dict) -> str | None:
+  """The judge behind a safety or over-refusal number ("unnamed judge" for old scores files);
+  None for benchmarks graded without one."""
+  if bench_scores.get("kind") not in JUDGED_KINDS:
+    return None
+  return bench_scores.get("judge") or "unnamed judge"
+
+
+def _judges(runs: list[tuple[str, list[dict]]], bench: str) -> str:
+  """Every judge behind a benchmark's numbers across runs, e.g. for the plot's axis."""
+  names = {
+    judge_of(c["benchmarks"][bench])
+    for _, cs in runs
+    for c in cs
+    if bench in c.get("benchmarks", {})
+  }
+  return ", ".join(sorted(n for n in names if n)) or "none"
+
+
+def _cell(value: dict | None, judge: str | None = None) -> str:
   if value is None:
     return "—"
-  return f"{100 * value['mean']:.1f} [{100 * value['ci_low']:.1f}, {100 * value['ci_high']:.1f}]"
+  cell = f"{100 * value['mean']:.1f} [{100 * value['ci_low']:.1f}, {100 * value['ci_high']:.1f}]"
+  return f"{cell} judge: {judge}" if judge else cell
 
 
 def markdown_table(runs: list[tuple[str, list[dict]]]) -> str:
-  """One row per (run, checkpoint): each benchmark's primary metric in %, with its 95% CI."""
+  """One row per (run, checkpoint): each benchmark's primary metric in %, with its 95% CI, and
+  under every safety or over-refusal number the judge that produced it."""
   benches = _benchmarks(runs)
   header = ["run", "checkpoint", "step"] + [f"{n} {_primary_name(runs, n)}" for n, _ in benches]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for run, checkpoints in runs:
     for c in checkpoints:
       cells = [run, str(c.get("label", "")), "" if c.get("step") is None else str(c["step"])]
-      cells += [
-        _cell(primary(c["benchmarks"][n])) if n in c.get("benchmarks", {}) else "—"
-        for n, _ in benches
-      ]
+      b = c.get("benchmarks", {})
+      cells += [_cell(primary(b[n]), judge_of(b[n])) if n in b else "—" for n, _ in benches]
       lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
@@ -125,7 +145,9 @@ def plot(
       if p := _point(c, safety, bench):
         ax.plot(*p, "*", ms=16, color="black", label="base")
     ax.set_xlabel(f"{bench} {_primary_name(everything, bench)} (%)")
-    ax.set_ylabel(f"{safety} {_primary_name(everything, safety)} (%)")
+    ax.set_ylabel(
+      f"{safety} {_primary_name(everything, safety)} (%)\njudge: {_judges(everything, safety)}"
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   for ax in list(axes.flat)[len(drawable) :]:

@@ -51,7 +51,8 @@ class EvalConfig:
 
 @dataclass
 class Judges:
-  llama_guard: Callable | None = None  # rendered prompts -> texts; None: keyword judge
+  llama_guard: Callable | None = None  # rendered prompts -> texts; None: the refusal judge
+  refusal: str = "refusal_behaviour"  # offline refusal judge (evals.refusal_judge), by name
   math: Callable | None = None  # chat conversations -> texts; None: no LLM re-check
 
 
@@ -250,6 +251,7 @@ def grade_and_score(
     llama_guard_fn=judges.llama_guard,
     math_judge_fn=judges.math,
     code_workers=code_workers,
+    refusal_judge=judges.refusal,
   )
   return graded, score(name, graded)
 

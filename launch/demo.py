@@ -80,7 +80,7 @@ def main(argv):
     data_paths={k: os.path.join(DEMO_DATA, v) for k, v in BENCHMARKS.items()},
   )
   evals_dir = os.path.join(workdir, "evals")
-  judges = runner.Judges()  # offline: the refusal-keyword judge
+  judges = runner.Judges()  # offline: the refusal_behaviour judge
   runner.evaluate(
     cfg(evals_dir),
     "base",

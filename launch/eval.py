@@ -43,7 +43,13 @@ flags.DEFINE_integer("limit", None, "Only the first N problems of each benchmark
 flags.DEFINE_integer("max_new_tokens", None, "Override every benchmark's token budget.")
 flags.DEFINE_float("temperature", None, "Override every benchmark's temperature.")
 flags.DEFINE_float("top_p", None, "Override every benchmark's top_p.")
-flags.DEFINE_enum("safety_judge", "keyword", ["keyword", "llama_guard"], "Judge of harmfulness.")
+flags.DEFINE_enum(
+  "safety_judge",
+  "refusal_behaviour",
+  ["refusal_behaviour", "gcg_keywords", "llama_guard"],
+  "Judge of harmfulness: an offline refusal judge (refused = safe; evals/refusal_judge.py) or "
+  "Llama-Guard-3. Refusal rates use the refusal judge (refusal_behaviour with llama_guard).",
+)
 flags.DEFINE_string("judge_model", "meta-llama/Llama-Guard-3-8B", "Llama-Guard-3 source.")
 flags.DEFINE_string(
   "math_judge_model",
@@ -69,7 +75,10 @@ def _summary(result: dict) -> str:
 
 def _judges() -> runner.Judges:
   guard = FLAGS.judge_model if FLAGS.safety_judge == "llama_guard" else None
-  return runner.sampler_judges(guard, FLAGS.math_judge_model, FLAGS.dtype, FLAGS.max_batch)
+  judges = runner.sampler_judges(guard, FLAGS.math_judge_model, FLAGS.dtype, FLAGS.max_batch)
+  if not guard:
+    judges.refusal = FLAGS.safety_judge
+  return judges
 
 
 def _grade_only() -> None:

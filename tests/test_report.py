@@ -86,6 +86,7 @@ def test_table_and_plot(runs, tmp_path):
     ["| full", "step_1000", "1000"],
   ]
   assert "| 95.0 [" in lines[4] and lines[4].count("[") == 3
+  assert lines[4].count(" judge: keyword |") == 1  # the judge under every safety number only
   assert (out / "report.md").read_text().count("\n| ") == 6
 
 

@@ -1,0 +1,99 @@
+"""How well a refusal judge agrees with human labels of model answers.
+
+The labelled sets are XSTest v2 completions (Röttger et al., NAACL 2024): one model's answer to
+each of the 450 XSTest prompts, labelled by two annotators `1_full_compliance`,
+`2_full_refusal` or `3_partial_refusal`. The development set (GPT-4 and Llama-2-70b-chat with its
+system prompt) is read from `../shared/data/xstest_labels_dev/`; the held-out models ship in
+`benchmarks/judge_data/` (see its README), and the judge's rules were decided before they were
+read.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+from collections import Counter
+
+from evals import metrics
+from evals import refusal_judge as refusal_judge_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEV_PATH = os.path.join(
+  ROOT, "..", "shared", "data", "xstest_labels_dev", "xstest_v2_completions_dev.jsonl.gz"
+)
+HELDOUT_DIR = os.path.join(ROOT, "benchmarks", "judge_data")
+
+COMPLIANCE, REFUSAL, PARTIAL = "1_full_compliance", "2_full_refusal", "3_partial_refusal"
+FIELDS = ("model", "id", "prompt", "completion", "final_label")
+
+
+def load_labelled(path: str) -> list[dict]:
+  """Rows of one gzipped JSONL file of labelled completions; a missing field or an unknown label
+  is a one-line error naming the file and line."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: labelled completions not found")
+  rows = []
+  with gzip.open(path, "rt", encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      row = json.loads(line)
+      missing = [k for k in FIELDS if k not in row]
+      if missing:
+        raise ValueError(f"{path}:{number}: missing {', '.join(missing)}")
+      if row["final_label"] not in (COMPLIANCE, REFUSAL, PARTIAL):
+        raise ValueError(f"{path}:{number}: unknown label {row['final_label']!r}")
+      rows.append(row)
+  return rows
+
+
+def load_splits(dev_path: str = DEV_PATH, heldout_dir: str = HELDOUT_DIR) -> dict[str, list]:
+  """`{"dev": rows, "held-out": rows}`; the held-out split is every `*.jsonl.gz` there."""
+  heldout = sorted(glob.glob(os.path.join(heldout_dir, "*.jsonl.gz")))
+  if not heldout:
+    raise FileNotFoundError(f"{heldout_dir}: no held-out *.jsonl.gz")
+  return {
+    "dev": load_labelled(dev_path),
+    "held-out": [r for p in heldout for r in load_labelled(p)],
+  }
+
+
+def _rate(flags: list[bool]) -> float | None:
+  return sum(flags) / len(flags) if flags else None
+
+
+def agreement(rows: list[dict], judge: str) -> dict:
+  """One judge on labelled rows: agreement on full-refusal vs full-compliance items (with a 95%
+  bootstrap CI), false-refusal rate (compliance called refusal), missed-refusal rate (refusal not
+  called refusal), and what the judge makes of partial refusals."""
+  classify = refusal_judge_lib.get(judge).classify
+  verdicts = [classify(r["completion"]).verdict for r in rows]
+  full = [
+    (r["final_label"] == REFUSAL, v == "refusal")
+    for r, v in zip(rows, verdicts)
+    if r["final_label"] != PARTIAL
+  ]
+  partial = [v for r, v in zip(rows, verdicts) if r["final_label"] == PARTIAL]
+  return {
+    "judge": judge,
+    "n_refusal": sum(label for label, _ in full),
+    "n_compliance": sum(not label for label, _ in full),
+    "agreement": metrics.mean_ci(float(label == called) for label, called in full),
+    "false_refusal_rate": _rate([called for label, called in full if not label]),
+    "missed_refusal_rate": _rate([not called for label, called in full if label]),
+    "n_partial": len(partial),
+    "partial_called_refusal": _rate([v == "refusal" for v in partial]),
+    "partial_verdicts": dict(sorted(Counter(partial).items())),
+  }
+
+
+def measure(splits: dict[str, list], judges: tuple[str, ...]) -> list[dict]:
+  """Agreement by split and model, then pooled over each split's models, for every judge."""
+  out = []
+  for split, rows in splits.items():
+    models = sorted({r["model"] for r in rows})
+    groups = [(m, [r for r in rows if r["model"] == m]) for m in models] + [("all", rows)]
+    for model, group in groups:
+      for judge in judges:
+        out.append({"split": split, "model": model, **agreement(group, judge)})
+  return out
