@@ -47,6 +47,7 @@ bench: setup
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/sample.py
 	$(PY) benchmarks/code_eval.py
+	$(PY) benchmarks/judge_agreement.py
 
 clean:
 	rm -rf $(WORKDIR) .pytest_cache

@@ -74,15 +74,18 @@ def main() -> None:
   ap.add_argument("--build_md", help="rewrite the generated block of this BUILD.md")
   args = ap.parse_args()
   splits = judge_validation.load_splits()
-  start = time.perf_counter()
   results = judge_validation.measure(splits, JUDGES)
-  n_answers = sum(len(rows) for rows in splits.values()) * 2 * len(JUDGES)  # by model + pooled
-  ms = 1e3 * (time.perf_counter() - start) / n_answers
   table = markdown(results)
   print(table)
-  print(f"{ms:.2f} ms per answer and judge (classification and bookkeeping, one CPU core)")
+  texts = [r["completion"] for rows in splits.values() for r in rows]
+  ms = {}
   for name in JUDGES:
-    print(f"{name}: {refusal_judge.get(name).description}")
+    judge = refusal_judge.get(name)
+    start = time.perf_counter()
+    for text in texts:
+      judge.classify(text)
+    ms[name] = 1e3 * (time.perf_counter() - start) / len(texts)
+    print(f"{name}: {judge.description}; {ms[name]:.3f} ms per answer (one CPU core)")
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w", encoding="utf-8") as f:
     json.dump({"results": results, "ms_per_answer": ms}, f, indent=1)

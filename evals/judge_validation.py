@@ -92,7 +92,8 @@ def measure(splits: dict[str, list], judges: tuple[str, ...]) -> list[dict]:
   out = []
   for split, rows in splits.items():
     models = sorted({r["model"] for r in rows})
-    groups = [(m, [r for r in rows if r["model"] == m]) for m in models] + [("all", rows)]
+    groups = [(m, [r for r in rows if r["model"] == m]) for m in models]
+    groups += [("all", rows)] if len(models) > 1 else []
     for model, group in groups:
       for judge in judges:
         out.append({"split": split, "model": model, **agreement(group, judge)})

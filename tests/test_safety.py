@@ -227,21 +227,23 @@ def test_default_judge_and_answers_cut_off_while_thinking():
 
 # Agreement with human labels (benchmarks/judge_agreement.py measures and reports it): the
 # measured value minus a small margin, so that a change that makes the judge worse fails here.
-MEASURED_DEV = {"gpt4": 0.973, "llama2orig": 0.947, "all": 0.961}
+MEASURED = {
+  ("dev", "gpt4"): 0.973,
+  ("dev", "llama2orig"): 0.947,
+  ("held-out", "mistralguard"): 0.863,
+}
 MARGIN = 0.01
 
 
 @pytest.fixture(scope="module")
-def dev_rows():
-  return judge_validation.load_labelled(judge_validation.DEV_PATH)
+def splits():
+  return judge_validation.load_splits()
 
 
-@pytest.mark.parametrize("model", sorted(MEASURED_DEV))
-def test_agreement_with_human_labels_dev(dev_rows, model):
-  rows = [r for r in dev_rows if model in ("all", r["model"])]
-  ours = judge_validation.agreement(rows, "refusal_behaviour")
-  assert ours["agreement"]["mean"] >= MEASURED_DEV[model] - MARGIN
-  assert (
-    ours["agreement"]["mean"]
-    > judge_validation.agreement(rows, "gcg_keywords")["agreement"]["mean"]
-  )
+@pytest.mark.parametrize("split,model", sorted(MEASURED))
+def test_agreement_with_human_labels(splits, split, model):
+  rows = [r for r in splits[split] if r["model"] == model]
+  ours = judge_validation.agreement(rows, "refusal_behaviour")["agreement"]["mean"]
+  gcg = judge_validation.agreement(rows, "gcg_keywords")["agreement"]["mean"]
+  assert ours >= MEASURED[split, model] - MARGIN
+  assert ours > gcg
