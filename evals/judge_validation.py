@@ -3,9 +3,9 @@
 The labelled sets are XSTest v2 completions (Röttger et al., NAACL 2024): one model's answer to
 each of the 450 XSTest prompts, labelled by two annotators `1_full_compliance`,
 `2_full_refusal` or `3_partial_refusal`. The development set (GPT-4 and Llama-2-70b-chat with its
-system prompt) is read from `../shared/data/xstest_labels_dev/`; the held-out models ship in
-`benchmarks/judge_data/` (see its README), and the judge's rules were decided before they were
-read.
+system prompt) is read from `../shared/data/xstest_labels_dev/`; the other models ship in
+`benchmarks/judge_data/` (see its README): held out, except those in `REVISED_ON`, whose errors
+were read to revise the rules after their first measurement.
 """
 
 from __future__ import annotations
@@ -47,14 +47,22 @@ def load_labelled(path: str) -> list[dict]:
   return rows
 
 
+# Held-out models whose errors were read to revise the rules after their first measurement: their
+# rows are reported apart, as "revised-on", never as held-out numbers.
+REVISED_ON = ("mistralguard",)
+
+
 def load_splits(dev_path: str = DEV_PATH, heldout_dir: str = HELDOUT_DIR) -> dict[str, list]:
-  """`{"dev": rows, "held-out": rows}`; the held-out split is every `*.jsonl.gz` there."""
-  heldout = sorted(glob.glob(os.path.join(heldout_dir, "*.jsonl.gz")))
-  if not heldout:
+  """`{"dev": rows, "held-out": rows, "revised-on": rows}`: every `*.jsonl.gz` in `heldout_dir`
+  is held out, except the models in `REVISED_ON`."""
+  files = sorted(glob.glob(os.path.join(heldout_dir, "*.jsonl.gz")))
+  if not files:
     raise FileNotFoundError(f"{heldout_dir}: no held-out *.jsonl.gz")
+  rows = [r for p in files for r in load_labelled(p)]
   return {
     "dev": load_labelled(dev_path),
-    "held-out": [r for p in heldout for r in load_labelled(p)],
+    "held-out": [r for r in rows if r["model"] not in REVISED_ON],
+    "revised-on": [r for r in rows if r["model"] in REVISED_ON],
   }
 
 

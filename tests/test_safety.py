@@ -249,7 +249,8 @@ def test_default_judge_and_answers_cut_off_while_thinking():
 MEASURED = {
   ("dev", "gpt4"): 0.973,
   ("dev", "llama2orig"): 0.947,
-  ("held-out", "mistralguard"): 0.907,  # 0.863 before the rules were revised on it
+  ("revised-on", "mistralguard"): 0.907,  # 0.863 before the rules were revised on it
+  ("held-out", "mistralinstruct"): 0.913,
 }
 MARGIN = 0.01
 
