@@ -45,16 +45,15 @@ def worker_jax(
 ) -> dict:
   import jax
   import numpy as np
-  from ml_collections import ConfigDict
 
   import lora_jax
-  from configs import base
   from lora_jax import lora
   from lora_jax.optim import make_optimizer
-  from lora_jax.train import make_train_step, own_buffers, split_trainable
+  from lora_jax.run import own_buffers, split_trainable
+  from lora_jax.run_config import TrainConfig
+  from lora_jax.train import make_train_step
 
-  cfg = base.get_config()
-  cfg.train.update(
+  train_cfg = TrainConfig(
     mode=mode,
     lr=LR,
     b1=B1,
@@ -74,9 +73,9 @@ def worker_jax(
   graphdef, trainable, frozen = split_trainable(model, mode)
   del model
   trainable = own_buffers(trainable)  # as lora_jax.train does
-  tx, schedule = make_optimizer(cfg.train, steps + 1)
+  tx, schedule = make_optimizer(train_cfg, steps + 1)
   opt_state = jax.jit(tx.init)(trainable)
-  step = jax.jit(make_train_step(graphdef, tx, schedule, ConfigDict(cfg)), donate_argnums=(0, 1))
+  step = jax.jit(make_train_step(graphdef, tx, schedule, train_cfg), donate_argnums=(0, 1))
   ids = _batch(151936, batch, seq)
   data = {
     "input_ids": ids,

@@ -1,6 +1,8 @@
 """Every config field, with the reference's defaults (LoRA rank 1 on up_proj, DirectRefusal).
 
-Override any field from the command line: `--config.lora.rank=4 --config.train.lr=1e-4`.
+Override any field from the command line: `--config.lora.rank=4 --config.train.lr=1e-4`. The
+launchers turn this ConfigDict into a typed `lora_jax.run_config.RunConfig` once, checking each key
+against its rule there (`RULES`, with the dataclass defaults equal to these); a new key needs both.
 """
 
 from ml_collections import ConfigDict

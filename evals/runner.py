@@ -15,6 +15,7 @@ on_result)` calls `on_result(r)` once per finished answer, `r` having `.index` (
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from evals import benchmarks, metrics
 from evals.benchmarks import Sampling
+from lora_jax import jsonl
 
 log = logging.getLogger(__name__)
 
@@ -59,55 +61,12 @@ class Judges:
 # --- small file helpers ---------------------------------------------------------------------------
 
 
-def read_jsonl(path: str) -> list[dict]:
-  """Lines of a JSONL file; a line cut short by a crash is skipped and logged."""
-  if not os.path.exists(path):
-    return []
-  rows, bad = [], 0
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      if line.strip():
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError:
-          bad += 1
-  if bad:
-    log.warning("%s: skipped %d unreadable line(s)", path, bad)
-  return rows
-
-
 def _write_json(path: str, obj) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=2, ensure_ascii=False)
   os.replace(tmp, path)  # atomic: a crash never leaves half a scores file
-
-
-def _write_jsonl(path: str, rows: list[dict]) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-  os.replace(path + ".tmp", path)
-
-
-class _Appender:
-  """Appends JSON lines, flushed one by one, after mending a last line cut by a crash."""
-
-  def __init__(self, path: str):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    self.f = open(path, "a+", encoding="utf-8")
-    if self.f.tell():
-      self.f.seek(self.f.tell() - 1)
-      if self.f.read(1) != "\n":
-        self.f.write("\n")
-
-  def __call__(self, row: dict) -> None:
-    self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    self.f.flush()
-
-  def close(self) -> None:
-    self.f.close()
 
 
 # --- configuration per benchmark ------------------------------------------------------------------
@@ -158,10 +117,10 @@ def _check_meta(path: str, meta: dict) -> None:
 
 
 def _generate_seed(name, seed, todo, prompts, s, path, generate_fn) -> None:
-  append, bar = _Appender(path), tqdm(total=len(todo) * s.n, desc=f"{name} seed {seed}")
+  append, bar = jsonl.Appender(path), tqdm(total=len(todo) * s.n, desc=f"{name} seed {seed}")
 
   def on_result(r):
-    append(
+    append.write(
       {
         "task_id": todo[r.index],
         "seed": seed,
@@ -191,7 +150,7 @@ def generate(
   _check_meta(
     base + ".meta.json", {"template": cfg.template, "sampling": asdict(s), "model": model_info}
   )
-  done = Counter((str(r["task_id"]), int(r["seed"])) for r in read_jsonl(base + ".jsonl"))
+  done = Counter((str(r["task_id"]), int(r["seed"])) for r in jsonl.records(base + ".jsonl"))
   for seed in seeds(cfg, name):
     todo = [t for t in records if done[(t, seed)] < s.n]
     if not todo:
@@ -210,7 +169,7 @@ def generate(
 def _samples(path: str, records: dict[str, dict], wanted_seeds) -> list[dict]:
   """The answers to grade: one per (task, seed, sample), for the current tasks and seeds."""
   seen, out = set(), []
-  for r in read_jsonl(path):
+  for r in jsonl.records(path):
     key = (str(r["task_id"]), int(r["seed"]), int(r.get("sample", 0)))
     if key[0] in records and key[1] in wanted_seeds and key not in seen:
       seen.add(key)
@@ -282,7 +241,7 @@ def grade_all(cfg: EvalConfig, label: str, judges: Judges, model_info: dict) -> 
       log.warning("%s/%s: no answers to grade in %s", label, name, gen_path)
       continue
     graded, result = grade_and_score(name, records, samples, cfg.template, judges, cfg.code_workers)
-    _write_jsonl(os.path.join(cfg.out_dir, label, "graded", name + ".jsonl"), graded)
+    jsonl.write_atomic(os.path.join(cfg.out_dir, label, "graded", name + ".jsonl"), graded)
     scores["benchmarks"][name] = result
     log.info("%s/%s: %s = %s", label, name, result["primary"], result[result["primary"]])
   _write_json(scores_path, scores)
@@ -326,51 +285,87 @@ def parse_data(items: list[str]) -> dict[str, str]:
   return out
 
 
-def resolve_models(args) -> list[tuple[str, str, str | None]]:
+def resolve_models(
+  *,
+  model: str | None,
+  adapter: str | None = None,
+  workdir: str | None = None,
+  steps: str = "all",
+  include_base: bool = False,
+  label: str | None = None,
+) -> list[tuple[str, str, str | None]]:
   """(label, model source, adapter dir or None) of every model to evaluate.
 
-  `--workdir` lists `workdir/exports/step_N`: a directory with `adapter_config.json` is a
-  PEFT adapter on `--model`, one with `config.json` a merged model evaluated on its own.
+  `workdir` lists `workdir/exports/step_N`: a directory with `adapter_config.json` is a PEFT
+  adapter on `model`, one with `config.json` a merged model evaluated on its own. `steps`: "all",
+  "last" or a list like "500,1000".
   """
-  if not args.model and not args.workdir:
+  if not model and not workdir:
     raise ValueError("--model is required (a hub id, HF directory or GGUF file)")
-  if args.adapter and args.workdir:
+  if adapter and workdir:
     raise ValueError("give --adapter or --workdir, not both")
-  if args.include_base and not args.model:
+  if include_base and not model:
     raise ValueError("--include_base needs --model (the base model)")
-  if not args.workdir:
-    label = args.label or (
-      os.path.basename(os.path.normpath(args.adapter)) if args.adapter else "base"
-    )
-    return [(label, args.model, args.adapter)]
-  exports = os.path.join(args.workdir, "exports")
+  if not workdir:
+    name = label or (os.path.basename(os.path.normpath(adapter)) if adapter else "base")
+    return [(name, model, adapter)]
+  found = _exports(workdir)
+  if steps == "all":
+    chosen = sorted(found)
+  elif steps == "last":
+    chosen = [max(found)]
+  else:
+    chosen = list(parse_seeds(steps, "steps"))
+    if missing := [s for s in chosen if s not in found]:
+      raise ValueError(f"--steps: no export for step(s) {missing}; have {sorted(found)}")
+  models = [("base", model, None)] if include_base else []
+  for step in chosen:
+    path = found[step]
+    if os.path.exists(os.path.join(path, "adapter_config.json")):
+      if not model:
+        raise ValueError(f"{path} is a LoRA adapter: --model (its base) is required")
+      models.append((f"step_{step}", model, path))
+    elif os.path.exists(os.path.join(path, "config.json")):
+      models.append((f"step_{step}", path, None))
+    else:
+      raise ValueError(f"{path}: neither adapter_config.json nor config.json in it")
+  return models
+
+
+def _exports(workdir: str) -> dict[int, str]:
+  exports = os.path.join(workdir, "exports")
   found = {}
   if os.path.isdir(exports):
     for entry in os.listdir(exports):
       if m := re.fullmatch(r"step_(\d+)", entry):
         found[int(m.group(1))] = os.path.join(exports, entry)
   if not found:
-    raise ValueError(f"--workdir={args.workdir}: no exports/step_N checkpoints in it")
-  if args.steps == "all":
-    steps = sorted(found)
-  elif args.steps == "last":
-    steps = [max(found)]
-  else:
-    steps = list(parse_seeds(args.steps, "steps"))
-    if missing := [s for s in steps if s not in found]:
-      raise ValueError(f"--steps: no export for step(s) {missing}; have {sorted(found)}")
-  models = [("base", args.model, None)] if args.include_base else []
-  for step in steps:
-    path = found[step]
-    if os.path.exists(os.path.join(path, "adapter_config.json")):
-      if not args.model:
-        raise ValueError(f"{path} is a LoRA adapter: --model (its base) is required")
-      models.append((f"step_{step}", args.model, path))
-    elif os.path.exists(os.path.join(path, "config.json")):
-      models.append((f"step_{step}", path, None))
-    else:
-      raise ValueError(f"{path}: neither adapter_config.json nor config.json in it")
-  return models
+    raise ValueError(f"--workdir={workdir}: no exports/step_N checkpoints in it")
+  return found
+
+
+def evaluate_models(
+  cfg: EvalConfig,
+  models: list[tuple[str, str, str | None]],
+  judges: Callable[[], Judges],
+  *,
+  dtype: str = "float32",
+  max_batch: int = 8,
+) -> dict[str, dict]:
+  """Generate every model's missing answers on the lora_jax sampler, one model in memory at a
+  time; then load the judges once (`judges()`) and grade them all. Scores by label."""
+  for name in cfg.benchmarks:
+    benchmarks.get(name)
+  for label, source, adapter in models:
+    generate_fn = sampler_generate_fn(source, adapter, dtype, max_batch)
+    generate_all(cfg, label, generate_fn, {"model": source, "adapter": adapter})
+    del generate_fn
+    gc.collect()
+  loaded = judges()
+  return {
+    label: grade_all(cfg, label, loaded, {"model": source, "adapter": adapter})
+    for label, source, adapter in models
+  }
 
 
 # --- the lora_jax sampler as generate_fn and as judges --------------------------------------------
@@ -520,7 +515,7 @@ def grade_only(
     name, records, samples, template, judges or Judges(), code_workers
   )
   stem = out_path[:-5] if out_path.endswith(".json") else out_path
-  _write_jsonl(stem + ".graded.jsonl", graded)
+  jsonl.write_atomic(stem + ".graded.jsonl", graded)
   scores = {
     "label": os.path.basename(stem),
     "step": None,

@@ -3,9 +3,10 @@
 import functools
 import sys
 
-from absl import flags
+from absl import app, flags
 
 FLAGS = flags.FLAGS
+flags.DEFINE_bool("traceback", False, "Show the whole traceback of a user error, not one line.")
 
 
 def define_distributed_flags() -> None:
@@ -49,31 +50,26 @@ def quiet_libraries() -> None:
   logging.getLogger("lora_jax").setLevel(logging.INFO)
 
 
-def one_line_errors(main):
-  """User errors (bad config, data, paths) end the run with one line, not a traceback."""
-  from lora_jax.checkpoint import ResumeError
-  from lora_jax.config import ConfigError
-  from lora_jax.data import DataError
-  from lora_jax.io import CheckpointError
-  from lora_jax.lora import LoRAError
-  from lora_jax.sharding import MeshError
-
-  user_errors = (
-    ConfigError,
-    CheckpointError,
-    DataError,
-    LoRAError,
-    MeshError,
-    ResumeError,
-    FileNotFoundError,
-  )
+def user_errors(main):
+  """User errors end the run with one line, `error: ...` on stderr, and exit status 2; every
+  launcher runs its main through this. A user error is a ValueError (every lora_jax and evals
+  error about a config, data, path, model or flag value is one) or a file that cannot be opened.
+  --traceback shows the whole stack instead."""
 
   @functools.wraps(main)
   def wrapped(argv):
     try:
       return main(argv)
-    except user_errors as e:
-      print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+      if FLAGS.traceback:
+        raise
+      message = " ".join(str(e).split("\n"))
+      print(f"error: {message}", file=sys.stderr)
       sys.exit(2)
 
   return wrapped
+
+
+def run(main) -> None:
+  """`app.run` with one-line user errors: the end of every `launch/*.py`."""
+  app.run(user_errors(main))

@@ -13,12 +13,10 @@ Grade only (one JSON object per line: `task_id`, `completion`, optional `seed`):
 
 from __future__ import annotations
 
-import gc
-import sys
-
 from absl import app, flags
 
 from evals import benchmarks, runner
+from launch import common
 
 FLAGS = flags.FLAGS
 
@@ -85,12 +83,11 @@ def _grade_only() -> None:
   if not (FLAGS.benchmark and FLAGS.generations and FLAGS.out):
     raise ValueError("grade-only needs --benchmark, --generations and --out")
   name = FLAGS.benchmark
-  path = benchmarks.resolve_path(name, runner.parse_data(FLAGS.data), FLAGS.data_dir)
   scores = runner.grade_only(
     name,
     FLAGS.generations,
     FLAGS.out,
-    data_path=path,
+    data_path=benchmarks.resolve_path(name, runner.parse_data(FLAGS.data), FLAGS.data_dir),
     template=FLAGS.template,
     judges=_judges(),
     code_workers=FLAGS.code_workers,
@@ -101,8 +98,6 @@ def _grade_only() -> None:
 def _evaluate() -> None:
   if not FLAGS.out:
     raise ValueError("--out is required")
-  for name in FLAGS.benchmarks:
-    benchmarks.get(name)
   cfg = runner.EvalConfig(
     benchmarks=tuple(FLAGS.benchmarks),
     out_dir=FLAGS.out,
@@ -117,31 +112,30 @@ def _evaluate() -> None:
     top_p=FLAGS.top_p,
     code_workers=FLAGS.code_workers,
   )
-  models = runner.resolve_models(FLAGS)
-  # All generation first, one model in memory at a time; then the judges load once for grading.
-  for label, source, adapter in models:
-    generate_fn = runner.sampler_generate_fn(source, adapter, FLAGS.dtype, FLAGS.max_batch)
-    runner.generate_all(cfg, label, generate_fn, {"model": source, "adapter": adapter})
-    del generate_fn
-    gc.collect()
-  judges = _judges()
-  for label, source, adapter in models:
-    scores = runner.grade_all(cfg, label, judges, {"model": source, "adapter": adapter})
-    for name, result in scores["benchmarks"].items():
-      print(f"{label} {name}: {_summary(result)}")
+  models = runner.resolve_models(
+    model=FLAGS.model,
+    adapter=FLAGS.adapter,
+    workdir=FLAGS.workdir,
+    steps=FLAGS.steps,
+    include_base=FLAGS.include_base,
+    label=FLAGS.label,
+  )
+  scores = runner.evaluate_models(
+    cfg, models, _judges, dtype=FLAGS.dtype, max_batch=FLAGS.max_batch
+  )
+  for label, result in scores.items():
+    for name, value in result["benchmarks"].items():
+      print(f"{label} {name}: {_summary(value)}")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    if FLAGS.generations or FLAGS.benchmark:
-      _grade_only()
-    else:
-      _evaluate()
-  except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback
-    sys.exit(f"launch.eval: {e}")
+  if FLAGS.generations or FLAGS.benchmark:
+    _grade_only()
+  else:
+    _evaluate()
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -1,6 +1,6 @@
 """Export: `python -m launch.export --workdir=DIR --format=peft|merged --out=DIR [--step=N]`."""
 
-from absl import app, flags
+from absl import flags
 
 from launch import common
 
@@ -19,16 +19,13 @@ flags.mark_flags_as_required(["workdir", "out"])
 
 def main(argv):
   del argv
-  from lora_jax.checkpoint import Checkpointer
-  from lora_jax.export import export_checkpoint
+  from lora_jax.export import export_checkpoints
 
-  if FLAGS.all_steps:
-    steps = Checkpointer(f"{FLAGS.workdir}/checkpoints", async_save=False).all_steps()
-    for step in steps:
-      print(export_checkpoint(FLAGS.workdir, f"{FLAGS.out}/step_{step}", FLAGS.format, step))
-  else:
-    print(export_checkpoint(FLAGS.workdir, FLAGS.out, FLAGS.format, FLAGS.step))
+  for path in export_checkpoints(
+    FLAGS.workdir, FLAGS.out, FLAGS.format, FLAGS.step, all_steps=FLAGS.all_steps
+  ):
+    print(path)
 
 
 if __name__ == "__main__":
-  app.run(common.one_line_errors(main))
+  common.run(main)

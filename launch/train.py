@@ -5,7 +5,7 @@ coordinator itself); on one machine, --coordinator_address/--num_processes/--pro
 multi-process run by hand (this is how the tests run two hosts on 127.0.0.1).
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from launch import common
@@ -20,9 +20,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   common.init_distributed()
-  from lora_jax.train import train  # after distributed init: nothing may touch jax before it
+  from lora_jax.run_config import from_dict  # after distributed init: nothing may touch jax
+  from lora_jax.train import train
 
-  result = train(FLAGS.config, FLAGS.workdir)
+  result = train(from_dict(FLAGS.config), FLAGS.workdir)
   logging.info("finished: %s", result)
   if result.status == "nan":
     raise SystemExit(
@@ -32,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(common.one_line_errors(main))
+  common.run(main)

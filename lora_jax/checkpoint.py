@@ -96,10 +96,10 @@ def _abstract(tree):
   )
 
 
-def write_config(workdir: str, config) -> None:
-  """The run's config beside its checkpoints (process 0 only)."""
+def write_config(workdir: str, config: dict) -> None:
+  """The run's config (`RunConfig.to_dict()`) beside its checkpoints (process 0 only)."""
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(config.to_dict() if hasattr(config, "to_dict") else config, f, indent=2, default=str)
+    json.dump(config, f, indent=2)

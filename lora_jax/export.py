@@ -1,66 +1,48 @@
-"""Turn a training checkpoint into something other tools load: a PEFT adapter or a merged model.
+"""Turn training checkpoints into what other tools load: a PEFT adapter or a merged model.
 
     export_checkpoint(workdir, out_dir, fmt="peft" | "merged", step=None)
+    export_checkpoints(workdir, out_root, fmt, all_steps=True)   # out_root/step_N for each
 
-The base model is rebuilt from the config saved in the workdir, the checkpoint's trainable params
-are restored into it, and the result is written with `save_pretrained` (merged HF safetensors,
-LoRA folded in) or `save_peft_adapter`. The tokenizer is written beside a merged model.
+The run's model is rebuilt from the workdir (`lora_jax.run.restore_model`) and written with
+`save_pretrained` (merged HF safetensors, LoRA folded in) or `save_peft_adapter`. The tokenizer
+is written beside a merged model.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
-from flax import nnx
-from ml_collections import ConfigDict
-
-from lora_jax import checkpoint as ckpt_lib
 from lora_jax.io import save_pretrained
 from lora_jax.io.peft import save_peft_adapter
-from lora_jax.train import build_model, lora_config, split_trainable
+from lora_jax.run import checkpoint_steps, restore_model
 
 FORMATS = ("peft", "merged")
-
-
-def load_run_config(workdir: str) -> ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"no config.json in {workdir}: is it a training workdir?")
-  with open(path) as f:
-    return ConfigDict(json.load(f))
-
-
-def restore_model(workdir: str, step: int | None = None, mesh=None):
-  """(model with the checkpoint's weights, tokenizer, config, step)."""
-  config = load_run_config(workdir)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  steps = checkpointer.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"no checkpoints in {workdir}/checkpoints")
-  step = steps[-1] if step is None else step
-  if step not in steps:
-    raise FileNotFoundError(
-      f"no checkpoint for step {step} in {workdir}/checkpoints (have {steps})"
-    )
-  model, tokenizer = build_model(config, mesh)
-  graphdef, trainable, frozen = split_trainable(model, config.train.mode)
-  params, _, _ = checkpointer.restore(step, nnx.to_pure_dict(trainable))
-  checkpointer.close()
-  nnx.replace_by_pure_dict(trainable, params)
-  return nnx.merge(graphdef, trainable, frozen), tokenizer, config, step
 
 
 def export_checkpoint(
   workdir: str, out_dir: str, fmt: str = "peft", step: int | None = None, mesh=None
 ) -> str:
+  """Export one checkpoint (the latest unless `step` is given) to `out_dir`."""
   if fmt not in FORMATS:
     raise ValueError(f"format={fmt!r}; expected one of {FORMATS}")
-  model, tokenizer, config, step = restore_model(workdir, step, mesh)
+  model, tokenizer, cfg, step = restore_model(workdir, step, mesh)
   if fmt == "peft":
-    if config.train.mode != "lora":
+    if cfg.adapter is None:
       raise ValueError(f"{workdir} is a full fine-tuning run: export it with --format=merged")
-    save_peft_adapter(model, out_dir, lora_config(config), config.model.source)
+    save_peft_adapter(model, out_dir, cfg.adapter, cfg.model.source)
   else:
-    save_pretrained(model, out_dir, dtype=config.model.dtype, tokenizer=tokenizer)
+    save_pretrained(model, out_dir, dtype=cfg.model.dtype, tokenizer=tokenizer)
   return out_dir
+
+
+def export_checkpoints(
+  workdir: str, out: str, fmt: str = "peft", step: int | None = None, all_steps: bool = False
+) -> list[str]:
+  """Export one checkpoint to `out`, or with `all_steps` every checkpoint to `out/step_N` (the
+  layout `launch.eval --workdir` reads)."""
+  if not all_steps:
+    return [export_checkpoint(workdir, out, fmt, step)]
+  steps = checkpoint_steps(workdir)
+  if not steps:
+    raise FileNotFoundError(f"no checkpoints in {workdir}/checkpoints")
+  return [export_checkpoint(workdir, os.path.join(out, f"step_{s}"), fmt, s) for s in steps]

@@ -72,16 +72,28 @@ def resolve_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
   return tuple(sorted(out, key=LINEARS.index))
 
 
-def resolve_layers(layers, num_layers: int) -> tuple[int, int]:
-  """(first, last) inclusive from None, (a, b), "a-b", "a..b" or the reference's "from16_to31"."""
+def parse_layers(layers) -> tuple[int, int] | None:
+  """(first, last) inclusive from (a, b), "a-b", "a..b" or the reference's "from16_to31"; None
+  (every layer) from None, "" or "all"."""
   if layers is None or layers == "" or layers == "all":
-    return 0, num_layers - 1
+    return None
   if isinstance(layers, str):
     m = re.fullmatch(r"(?:from)?(\d+)(?:_to|-|\.\.|:)(\d+)", layers.strip())
     if not m:
       raise LoRAError(f"LoRA layers {layers!r}: expected 'from16_to31', '16-31' or '16..31'")
     layers = (int(m.group(1)), int(m.group(2)))
   lo, hi = int(layers[0]), int(layers[1])
+  if not 0 <= lo <= hi:
+    raise LoRAError(f"LoRA layers {lo}..{hi}: expected 0 <= first <= last")
+  return lo, hi
+
+
+def resolve_layers(layers, num_layers: int) -> tuple[int, int]:
+  """(first, last) inclusive (see `parse_layers`), checked against the model's layer count."""
+  parsed = parse_layers(layers)
+  if parsed is None:
+    return 0, num_layers - 1
+  lo, hi = parsed
   if not 0 <= lo <= hi < num_layers:
     raise LoRAError(f"LoRA layers {lo}..{hi} are outside the model's 0..{num_layers - 1}")
   return lo, hi

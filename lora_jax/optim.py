@@ -9,7 +9,12 @@ equals one big batch exactly.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import optax
+
+if TYPE_CHECKING:  # run_config imports this module's SCHEDULES
+  from lora_jax.run_config import TrainConfig
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -36,22 +41,14 @@ def learning_rate_schedule(
 
 
 def make_optimizer(
-  train_cfg, total_steps: int
+  train: TrainConfig, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW + clipping from the `train.` config block."""
-  schedule = learning_rate_schedule(
-    train_cfg.lr, total_steps, train_cfg.schedule, train_cfg.warmup_steps
-  )
+  """AdamW + clipping as the run's `train` config says."""
+  schedule = learning_rate_schedule(train.lr, total_steps, train.schedule, train.warmup_steps)
   parts = []
-  if train_cfg.clip_norm and train_cfg.clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(train_cfg.clip_norm))
+  if train.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(train.clip_norm))
   parts.append(
-    optax.adamw(
-      schedule,
-      b1=train_cfg.b1,
-      b2=train_cfg.b2,
-      eps=train_cfg.eps,
-      weight_decay=train_cfg.weight_decay,
-    )
+    optax.adamw(schedule, b1=train.b1, b2=train.b2, eps=train.eps, weight_decay=train.weight_decay)
   )
   return optax.chain(*parts), schedule

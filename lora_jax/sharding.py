@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Sequence
 
 import jax
@@ -47,16 +48,38 @@ class MeshError(ValueError):
   pass
 
 
-def make_mesh(shape: dict[str, int] | Sequence[int] | None = None, devices=None) -> Mesh:
+def parse_mesh_spec(spec: str) -> dict[str, int]:
+  """ "fsdp:4,tensor:2" -> {"fsdp": 4, "tensor": 2}: axes of MESH_AXES, each once, sizes >= 1 or
+  -1 (the remaining devices, on one axis at most). The one parser of the flag and config form."""
+  if not isinstance(spec, str):
+    raise MeshError(f"mesh spec {spec!r}: expected a string like 'fsdp:4,tensor:2'")
+  shape: dict[str, int] = {}
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    name, _, size = (x.strip() for x in part.partition(":"))
+    if name not in MESH_AXES or not re.fullmatch(r"-1|[1-9]\d*", size) or name in shape:
+      raise MeshError(
+        f"mesh spec {spec!r}: expected axis:size pairs over {'/'.join(MESH_AXES)}, each axis "
+        f"once, sizes >= 1 or -1 (the rest), e.g. 'fsdp:4,tensor:2'"
+      )
+    shape[name] = int(size)
+  if not shape or list(shape.values()).count(-1) > 1:
+    raise MeshError(f"mesh spec {spec!r}: expected at least one axis and at most one -1")
+  return shape
+
+
+def make_mesh(shape: str | dict[str, int] | Sequence[int] | None = None, devices=None) -> Mesh:
   """A (data, fsdp, tensor) mesh with Auto axes (GSPMD propagation).
 
-  `shape` is a dict such as {"fsdp": 4, "tensor": 2} (missing axes are 1, one axis may be -1 to
-  take the remaining devices) or a 3-sequence in MESH_AXES order. None puts all devices on fsdp.
+  `shape` is a spec such as "fsdp:4,tensor:2" or a dict such as {"fsdp": 4, "tensor": 2} (missing
+  axes are 1, one axis may be -1 to take the remaining devices) or a 3-sequence in MESH_AXES
+  order. None puts all devices on fsdp.
   """
   devices = list(devices if devices is not None else jax.devices())
   n = len(devices)
   if shape is None:
     shape = {"fsdp": -1}
+  if isinstance(shape, str):
+    shape = parse_mesh_spec(shape)
   if not isinstance(shape, dict):
     shape = dict(zip(MESH_AXES, shape))
   unknown = set(shape) - set(MESH_AXES)

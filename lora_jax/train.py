@@ -1,6 +1,6 @@
 """The training loop: LoRA or full fine-tuning as one jit-compiled, sharded, donated step.
 
-    result = train(config, workdir)        # config: the ConfigDict of configs/base.py
+    result = train(cfg, workdir)     # cfg: a lora_jax.run_config.RunConfig
 
 The model is split once into trainable params (nnx.LoRAParam in LoRA mode, every nnx.Param in
 full mode) and frozen ones; only the trainable part has optimizer state and is donated. A step
@@ -26,20 +26,17 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from lora_jax import checkpoint as ckpt_lib
-from lora_jax import lora as lora_lib
 from lora_jax import ortho as ortho_lib
-from lora_jax.data import DataConfig, load_examples, make_iterator, pad_token_id
-from lora_jax.io import load_pretrained, load_tokenizer
+from lora_jax.data import DataIterator, Examples, load_examples, make_iterator, pad_token_id
 from lora_jax.metrics_log import MetricsWriter, flops_per_token, peak_flops_per_device
 from lora_jax.optim import make_optimizer
+from lora_jax.ortho import OrthoConfig
+from lora_jax.run import build_model, own_buffers, split_trainable
+from lora_jax.run_config import RunConfig, TrainConfig
 from lora_jax.sharding import make_mesh, named_sharding
 
 log = logging.getLogger(__name__)
 BATCH_KEYS = ("input_ids", "loss_mask", "attention_mask", "segment_ids", "positions")
-
-
-class TrainingError(RuntimeError):
-  pass
 
 
 @dataclasses.dataclass
@@ -49,80 +46,6 @@ class TrainResult:
   epoch: int
   loss: float
   workdir: str
-
-
-# ---- config -> objects --------------------------------------------------------------------------
-def parse_mesh_shape(spec) -> dict[str, int]:
-  """ "fsdp:4,tensor:2" (or a dict / ConfigDict) -> {"fsdp": 4, "tensor": 2}."""
-  if not isinstance(spec, str):
-    return {k: int(v) for k, v in dict(spec).items()}
-  out = {}
-  for part in filter(None, (p.strip() for p in spec.split(","))):
-    name, _, size = part.partition(":")
-    if not size:
-      raise ValueError(f"mesh.shape part {part!r}: expected axis:size, e.g. 'fsdp:4,tensor:2'")
-    out[name.strip()] = int(size)
-  return out
-
-
-def lora_config(config) -> lora_lib.LoRAConfig:
-  c = config.lora
-  return lora_lib.LoRAConfig(
-    rank=int(c.rank),
-    alpha=float(c.alpha),
-    dropout=float(c.dropout),
-    targets=lora_lib.resolve_targets(c.targets),
-    layers=c.layers or None,
-    use_rslora=bool(c.use_rslora),
-  )
-
-
-def ortho_config(config) -> ortho_lib.OrthoConfig | None:
-  c = config.ortho
-  if not c.beta:
-    return None
-  return ortho_lib.OrthoConfig(
-    beta=float(c.beta),
-    k=int(c.k),
-    mode=c.mode,
-    weighted=bool(c.weighted),
-    normalize=bool(c.normalize),
-    targets=lora_lib.resolve_targets(c.targets),
-    span_dtype=c.span_dtype,
-    svd=c.svd,
-  )
-
-
-def build_model(config, mesh):
-  """The model to train (with its adapter in LoRA mode) and its tokenizer."""
-  m = config.model
-  model = load_pretrained(
-    m.source, dtype=m.dtype, mesh=mesh, compute_dtype=m.compute_dtype or None, remat=m.remat
-  )
-  tokenizer = load_tokenizer(m.tokenizer or m.source)
-  mode = config.train.mode
-  if mode == "lora":
-    lora_lib.apply_lora(model, lora_config(config), seed=config.train.seed)
-  elif mode != "full":
-    raise ValueError(f"train.mode={mode!r}; expected 'lora' or 'full'")
-  return model, tokenizer
-
-
-def split_trainable(model, mode: str):
-  """(graphdef, trainable, frozen): LoRA trains only the adapters; full trains every Param."""
-  return nnx.split(model, nnx.LoRAParam if mode == "lora" else nnx.Param, ...)
-
-
-_identity_donated = jax.jit(lambda x: x, donate_argnums=0)
-
-
-def own_buffers(tree):
-  """The same arrays in buffers XLA allocated. On CPU, load_pretrained hands JAX the host buffers
-  it read the checkpoint into (zero-copy); XLA cannot reuse such a buffer for a donated output, so
-  the first train step would hold the trainable params twice. A donated identity copies each leaf
-  into an XLA buffer and frees the original, one leaf at a time (XLA-owned leaves pass through
-  without a copy)."""
-  return jax.tree.map(_identity_donated, tree)
 
 
 # ---- the step -----------------------------------------------------------------------------------
@@ -164,10 +87,11 @@ def token_loss(model, batch, dropout_rng, loss_chunk: int = 0):
   return total, jnp.sum(weights)
 
 
-def make_train_step(graphdef, tx, schedule, config, spans=None, ortho=None):
-  accum = int(config.train.grad_accum)
-  loss_chunk = int(config.train.loss_chunk)
-  seed = int(config.train.seed)
+def make_train_step(
+  graphdef, tx, schedule, train: TrainConfig, spans=None, ortho: OrthoConfig | None = None
+):
+  """step(trainable, opt_state, frozen, batch, step_index) -> (trainable, opt_state, metrics)."""
+  accum, loss_chunk, seed = train.grad_accum, train.loss_chunk, train.seed
 
   def loss_sum(trainable, frozen, batch, rng):
     model = nnx.merge(graphdef, trainable, frozen)
@@ -218,16 +142,257 @@ def make_train_step(graphdef, tx, schedule, config, spans=None, ortho=None):
   return step
 
 
-def make_eval_step(graphdef, config):
+def make_eval_step(graphdef, loss_chunk: int = 0):
   def step(trainable, frozen, batch):
-    return token_loss(
-      nnx.merge(graphdef, trainable, frozen), batch, None, int(config.train.loss_chunk)
-    )
+    return token_loss(nnx.merge(graphdef, trainable, frozen), batch, None, loss_chunk)
 
   return jax.jit(step)
 
 
+# ---- set-up steps --------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Data:
+  """This host's training batches and the held-out examples (None without held-out data)."""
+
+  it: DataIterator
+  eval_examples: Examples | None
+  pad_id: int
+
+
+def load_data(cfg: RunConfig, tokenizer) -> Data:
+  examples, report = load_examples(cfg.data, tokenizer, split="train")
+  log.info("data: %s", report)
+  pad = pad_token_id(tokenizer)
+  d = cfg.data
+  it = make_iterator(
+    examples,
+    cfg.train.batch_size,
+    seed=d.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    packing=d.packing,
+    max_length=d.max_length,
+    pad_id=pad,
+    bucket=d.bucket,
+    shuffle=d.shuffle,
+  )
+  eval_examples = None
+  if d.eval_source or d.eval_fraction:
+    eval_examples, eval_report = load_examples(d, tokenizer, split="eval")
+    log.info("held-out data: %s", eval_report)
+  return Data(it, eval_examples, pad)
+
+
+@dataclasses.dataclass
+class State:
+  """What the loop carries: the split model, the optimizer and its state."""
+
+  graphdef: nnx.GraphDef
+  trainable: nnx.State
+  frozen: nnx.State
+  opt_state: optax.OptState
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  spans: dict | None  # the orthogonal regulariser's spans (None when it is off)
+  model_config: object
+  fingerprint: dict
+
+
+def init_state(cfg: RunConfig, model, total_steps: int, mesh) -> State:
+  """Split `model` (its trainable buffers are donated: do not use `model` afterwards)."""
+  tx, schedule = make_optimizer(cfg.train, total_steps)
+  ortho = cfg.regulariser
+  spans = ortho_lib.compute_spans(model, ortho, cfg.train.seed) if ortho is not None else None
+  graphdef, trainable, frozen = split_trainable(model, cfg.train.mode)
+  trainable = own_buffers(trainable)
+  opt_state = _replicate_unsharded(jax.jit(tx.init)(trainable), mesh)
+  fingerprint = ckpt_lib.model_fingerprint(model.config, cfg.train.mode, cfg.adapter)
+  return State(
+    graphdef, trainable, frozen, opt_state, tx, schedule, spans, model.config, fingerprint
+  )
+
+
+def _replicate_unsharded(tree, mesh):
+  """Scalars such as Adam's step count come out of jit on one device; put them on the mesh."""
+  replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.tree.map(
+    lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated), tree
+  )
+
+
+def resume(checkpointer: ckpt_lib.Checkpointer, state: State, it: DataIterator) -> int:
+  """Restore the latest checkpoint into `state` and `it`; the step to continue from."""
+  latest = checkpointer.latest_step()
+  if latest is None:
+    return 0
+  restored, opt_restored, meta = checkpointer.restore(
+    latest, nnx.to_pure_dict(state.trainable), state.opt_state, state.fingerprint
+  )
+  nnx.replace_by_pure_dict(state.trainable, restored)
+  state.opt_state = opt_restored
+  it.restore(meta["data"])
+  log.info("resumed from step %d (epoch %d)", meta["step"], it.epoch)
+  return int(meta["step"])
+
+
+def compile_step(cfg: RunConfig, state: State):
+  """The jitted train step; outputs pinned to the inputs' shardings, so the donated state keeps
+  one layout and the step compiles once."""
+  shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+  return jax.jit(
+    make_train_step(
+      state.graphdef, state.tx, state.schedule, cfg.train, state.spans, cfg.regulariser
+    ),
+    donate_argnums=(0, 1),
+    out_shardings=(shardings(state.trainable), shardings(state.opt_state), None),
+  )
+
+
 # ---- the loop -----------------------------------------------------------------------------------
+def train(cfg: RunConfig, workdir: str) -> TrainResult:
+  t_setup = time.time()
+  mesh = make_mesh(cfg.mesh.axes)
+  model, tokenizer = build_model(cfg, mesh)
+  data = load_data(cfg, tokenizer)
+  total_steps = cfg.train.total_steps(data.it.steps_per_epoch)
+  state = init_state(cfg, model, total_steps, mesh)
+  del model  # its trainable buffers now belong to `state`
+  checkpointer = ckpt_lib.Checkpointer(
+    f"{workdir}/checkpoints",
+    max_to_keep=cfg.checkpoint.max_to_keep or None,
+    async_save=cfg.checkpoint.async_save,
+  )
+  ckpt_lib.write_config(workdir, cfg.to_dict())
+  step = resume(checkpointer, state, data.it)
+  loop = _Loop(cfg, workdir, mesh, data, state, checkpointer, total_steps)
+  log.info(
+    "setup took %.1fs; %d steps (%d per epoch), global batch %d, mesh %s",
+    time.time() - t_setup,
+    total_steps,
+    data.it.steps_per_epoch,
+    cfg.train.batch_size,
+    dict(mesh.shape),
+  )
+  return loop.run(step)
+
+
+class _Loop:
+  """Steps until done, NaN or SIGTERM; logs, checkpoints and evaluates on the way."""
+
+  def __init__(self, cfg, workdir, mesh, data: Data, state: State, checkpointer, total_steps):
+    self.cfg, self.workdir, self.mesh, self.data, self.state = cfg, workdir, mesh, data, state
+    self.checkpointer, self.total_steps = checkpointer, total_steps
+    self.step_fn = compile_step(cfg, state)
+    self.eval_fn = None
+    if data.eval_examples is not None:
+      self.eval_fn = make_eval_step(state.graphdef, cfg.train.loss_chunk)
+    self.peak = peak_flops_per_device(cfg.train.peak_flops) * jax.device_count()
+    self.local_rows = cfg.train.batch_size // jax.process_count()
+
+  def run(self, step: int) -> TrainResult:
+    it, status, loss = self.data.it, "done", float("nan")
+    writer = MetricsWriter(self.workdir, tensorboard=self.cfg.log.tensorboard)
+    preempt, bar = _Preemption(), _progress(self.cfg, self.total_steps, step)
+    try:
+      while step < self.total_steps:
+        batch = next(it)
+        stats = it.last_stats
+        t0 = time.perf_counter()
+        metrics = self._step(batch, step)
+        step, loss = step + 1, metrics["loss"]
+        if not math.isfinite(loss) or not math.isfinite(metrics["grad_norm"]):
+          status = "nan"
+          self._report_nan(step, metrics)
+          break
+        self._log(writer, bar, step, metrics, stats, batch, time.perf_counter() - t0)
+        epoch_end = it.step >= it.steps_per_epoch
+        self._maybe_save(step, epoch_end)
+        self._maybe_evaluate(writer, step, epoch_end)
+        if preempt.agreed():
+          if self.checkpointer.latest_step() != step:
+            self._save(step, force=True)
+          status = "preempted"
+          log.warning("SIGTERM: saved step %d and stopping", step)
+          break
+    finally:
+      bar.close()
+      preempt.restore()
+      self.checkpointer.close()
+      writer.close()
+    return TrainResult(status, step, it.epoch, loss, self.workdir)
+
+  def _step(self, batch, step: int) -> dict[str, float]:
+    s = self.state
+    s.trainable, s.opt_state, metrics = self.step_fn(
+      s.trainable, s.opt_state, s.frozen, _to_global(batch, self.mesh, self.local_rows), step
+    )
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+  def _report_nan(self, step: int, metrics: dict) -> None:
+    log.error(
+      "step %d: loss %s, grad norm %s; stopping. The last good checkpoint is step %s in "
+      "%s/checkpoints",
+      step,
+      metrics["loss"],
+      metrics["grad_norm"],
+      self.checkpointer.latest_step(),
+      self.workdir,
+    )
+
+  def _log(self, writer, bar, step: int, metrics: dict, stats: dict, batch, dt: float) -> None:
+    it = self.data.it
+    seq = batch["input_ids"].shape[1]
+    metrics.update(
+      epoch=it.epoch + (it.step / it.steps_per_epoch),
+      step_seconds=dt,
+      tokens_per_second=stats["tokens"] / dt,
+      padded_tokens_per_second=stats["padded_tokens"] / dt,
+    )
+    if self.peak:
+      flops = flops_per_token(self.state.model_config, seq, self.cfg.train.mode == "full")
+      metrics["mfu"] = flops * stats["padded_tokens"] / dt / self.peak
+    if step % self.cfg.log.every_steps == 0 or step == 1:
+      writer.write(step, metrics)
+    bar.update(1)
+    bar.set_postfix(loss=f"{metrics['loss']:.4f}", epoch=f"{metrics['epoch']:.2f}")
+
+  def _maybe_save(self, step: int, epoch_end: bool) -> None:
+    every = self.cfg.checkpoint.every_steps
+    if (
+      (every and step % every == 0)
+      or (epoch_end and self.cfg.checkpoint.every_epoch)
+      or step == self.total_steps
+    ):
+      self._save(step)
+
+  def _save(self, step: int, force: bool = False) -> None:
+    it, s = self.data.it, self.state
+    meta = {
+      "step": step,
+      "epoch": it.epoch,
+      "data": it.state(),
+      "fingerprint": s.fingerprint,
+      "config": self.cfg.to_dict(),
+    }
+    self.checkpointer.save(step, nnx.to_pure_dict(s.trainable), s.opt_state, meta, force=force)
+
+  def _maybe_evaluate(self, writer, step: int, epoch_end: bool) -> None:
+    every = self.cfg.log.eval_every_steps
+    if self.eval_fn is None or not (epoch_end or (every and step % every == 0)):
+      return
+    loss = evaluate(
+      self.eval_fn,
+      self.state.trainable,
+      self.state.frozen,
+      self.data.eval_examples,
+      self.cfg.data,
+      self.cfg.train.batch_size,
+      self.data.pad_id,
+      self.mesh,
+    )
+    writer.write(step, {"loss": loss}, prefix="eval")
+
+
 class _Preemption:
   """SIGTERM asks for a checkpoint and a clean exit at the next step boundary."""
 
@@ -260,186 +425,6 @@ def _to_global(batch: dict, mesh, local_rows: int) -> dict:
   return out
 
 
-def train(config, workdir: str) -> TrainResult:
-  t_setup = time.time()
-  mesh = make_mesh(parse_mesh_shape(config.mesh.shape))
-  model, tokenizer = build_model(config, mesh)
-  mode = config.train.mode
-  seed = int(config.train.seed)
-
-  data_cfg = DataConfig.from_mapping(config.data)
-  if data_cfg.seed is None:
-    data_cfg = dataclasses.replace(data_cfg, seed=seed)
-  examples, report = load_examples(data_cfg, tokenizer, split="train")
-  log.info("data: %s", report)
-  global_batch = int(config.train.batch_size)
-  if global_batch % int(config.train.grad_accum):
-    raise ValueError(
-      f"train.batch_size={global_batch} is not a multiple of "
-      f"train.grad_accum={config.train.grad_accum}"
-    )
-  pad = pad_token_id(tokenizer)
-  it = make_iterator(
-    examples,
-    global_batch,
-    seed=data_cfg.seed,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    packing=data_cfg.packing,
-    max_length=data_cfg.max_length,
-    pad_id=pad,
-    bucket=data_cfg.bucket,
-    shuffle=data_cfg.shuffle,
-  )
-  steps_per_epoch = it.steps_per_epoch
-  total_steps = int(config.train.steps) or int(config.train.epochs) * steps_per_epoch
-  eval_examples = None
-  if data_cfg.eval_source or data_cfg.eval_fraction:
-    eval_examples, eval_report = load_examples(data_cfg, tokenizer, split="eval")
-    log.info("held-out data: %s", eval_report)
-
-  tx, schedule = make_optimizer(config.train, total_steps)
-  ortho = ortho_config(config) if mode == "lora" else None
-  spans = ortho_lib.compute_spans(model, ortho, seed) if ortho is not None else None
-  model_cfg = model.config
-  graphdef, trainable, frozen = split_trainable(model, mode)
-  del model
-  trainable = own_buffers(trainable)  # deletes the model's copies: `model` is gone by now
-  opt_state = _replicate_unsharded(jax.jit(tx.init)(trainable), mesh)
-  lcfg = lora_config(config) if mode == "lora" else None
-  fingerprint = ckpt_lib.model_fingerprint(model_cfg, mode, lcfg)
-
-  keep = int(config.checkpoint.max_to_keep) or None
-  checkpointer = ckpt_lib.Checkpointer(
-    f"{workdir}/checkpoints", max_to_keep=keep, async_save=bool(config.checkpoint.async_save)
-  )
-  ckpt_lib.write_config(workdir, config)
-  step = 0
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    restored, opt_restored, meta = checkpointer.restore(
-      latest, nnx.to_pure_dict(trainable), opt_state, fingerprint
-    )
-    nnx.replace_by_pure_dict(trainable, restored)
-    opt_state = opt_restored
-    it.restore(meta["data"])
-    step = int(meta["step"])
-    log.info("resumed from step %d (epoch %d)", step, it.epoch)
-
-  # Outputs pinned to the inputs' shardings: the donated state keeps one layout, one compile.
-  shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
-  step_fn = jax.jit(
-    make_train_step(graphdef, tx, schedule, config, spans, ortho),
-    donate_argnums=(0, 1),
-    out_shardings=(shardings(trainable), shardings(opt_state), None),
-  )
-  eval_fn = make_eval_step(graphdef, config) if eval_examples is not None else None
-  writer = MetricsWriter(workdir, tensorboard=bool(config.log.tensorboard))
-  peak = peak_flops_per_device(float(config.train.peak_flops)) * jax.device_count()
-  preempt = _Preemption()
-  bar = _progress(config, total_steps, step)
-  status, last_loss = "done", float("nan")
-  local_rows = global_batch // jax.process_count()
-  log.info(
-    "setup took %.1fs; %d steps (%d per epoch), global batch %d, mesh %s",
-    time.time() - t_setup,
-    total_steps,
-    steps_per_epoch,
-    global_batch,
-    dict(mesh.shape),
-  )
-
-  def save(s: int, force: bool = False):
-    meta = {
-      "step": s,
-      "epoch": it.epoch,
-      "data": it.state(),
-      "fingerprint": fingerprint,
-      "config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
-    }
-    checkpointer.save(s, nnx.to_pure_dict(trainable), opt_state, meta, force=force)
-
-  try:
-    while step < total_steps:
-      batch = next(it)
-      stats = it.last_stats
-      t0 = time.perf_counter()
-      trainable, opt_state, metrics = step_fn(
-        trainable, opt_state, frozen, _to_global(batch, mesh, local_rows), step
-      )
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      dt = time.perf_counter() - t0
-      step += 1
-      last_loss = metrics["loss"]
-      if not math.isfinite(last_loss) or not math.isfinite(metrics["grad_norm"]):
-        status = "nan"
-        log.error(
-          "step %d: loss %s, grad norm %s; stopping. The last good checkpoint is step %s "
-          "in %s/checkpoints",
-          step,
-          last_loss,
-          metrics["grad_norm"],
-          checkpointer.latest_step(),
-          workdir,
-        )
-        break
-      seq = batch["input_ids"].shape[1]
-      flops_tok = flops_per_token(model_cfg, seq, mode == "full")
-      metrics.update(
-        epoch=it.epoch + (it.step / steps_per_epoch),
-        step_seconds=dt,
-        tokens_per_second=stats["tokens"] / dt,
-        padded_tokens_per_second=stats["padded_tokens"] / dt,
-      )
-      if peak:
-        metrics["mfu"] = flops_tok * stats["padded_tokens"] / dt / peak
-      if step % int(config.log.every_steps) == 0 or step == 1:
-        writer.write(step, metrics)
-      bar.update(1)
-      bar.set_postfix(loss=f"{last_loss:.4f}", epoch=f"{metrics['epoch']:.2f}")
-      epoch_end = it.step >= steps_per_epoch
-      every = int(config.checkpoint.every_steps)
-      if (
-        (every and step % every == 0)
-        or (epoch_end and config.checkpoint.every_epoch)
-        or step == total_steps
-      ):
-        save(step)
-      if eval_fn is not None and (
-        (epoch_end)
-        or (int(config.log.eval_every_steps) and step % int(config.log.eval_every_steps) == 0)
-      ):
-        writer.write(
-          step,
-          {
-            "loss": evaluate(
-              eval_fn, trainable, frozen, eval_examples, data_cfg, global_batch, pad, mesh
-            )
-          },
-          prefix="eval",
-        )
-      if preempt.agreed():
-        if checkpointer.latest_step() != step:
-          save(step, force=True)
-        status = "preempted"
-        log.warning("SIGTERM: saved step %d and stopping", step)
-        break
-  finally:
-    bar.close()
-    preempt.restore()
-    checkpointer.close()
-    writer.close()
-  return TrainResult(status, step, it.epoch, last_loss, workdir)
-
-
-def _replicate_unsharded(tree, mesh):
-  """Scalars such as Adam's step count come out of jit on one device; put them on the mesh."""
-  replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.tree.map(
-    lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated), tree
-  )
-
-
 def evaluate(eval_fn, trainable, frozen, examples, data_cfg, global_batch, pad, mesh) -> float:
   """Mean held-out loss per completion token (every row exactly once)."""
   it = make_iterator(
@@ -464,7 +449,7 @@ def evaluate(eval_fn, trainable, frozen, examples, data_cfg, global_batch, pad, 
   return total / max(count, 1.0)
 
 
-def _progress(config, total: int, initial: int):
+def _progress(cfg: RunConfig, total: int, initial: int):
   from tqdm import tqdm
 
   return tqdm(
@@ -473,5 +458,5 @@ def _progress(config, total: int, initial: int):
     desc="train",
     unit="step",
     dynamic_ncols=True,
-    disable=not config.log.progress or jax.process_index() != 0,
+    disable=not cfg.log.progress or jax.process_index() != 0,
   )

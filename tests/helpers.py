@@ -120,6 +120,13 @@ def train_config(source: str, **dotted):
   return c
 
 
+def tiny_run(source: str, **dotted):
+  """`train_config` through the typed boundary (what launch.train hands to `train`)."""
+  from lora_jax.run_config import from_dict
+
+  return from_dict(train_config(source, **dotted))
+
+
 def read_metrics(workdir) -> list[dict]:
   import json
   import os

@@ -15,6 +15,7 @@ from lora_jax.data import (
   make_iterator,
   pad_token_id,
 )
+from lora_jax.run_config import RunConfigError, from_dict
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 R1_TOKENIZER = os.path.join(SHARED, "tokenizers", "deepseek-r1-distill-qwen")
@@ -310,5 +311,5 @@ def test_bad_input_errors_name_the_problem(r1, tmp_path):
     load_examples(DataConfig(source=str(tmp_path / "missing.jsonl"), format="chat"), r1)
   with pytest.raises(DataError, match="neither a data file"):
     load_examples(DataConfig(source="not a source!", format="chat"), r1)
-  with pytest.raises(DataError, match="unknown data config key"):
-    DataConfig.from_mapping({"source": src, "fromat": "chat"})
+  with pytest.raises(RunConfigError, match="config.data.fromat: unknown key"):
+    from_dict({"data": {"source": src, "fromat": "chat"}})

@@ -12,6 +12,7 @@ import pytest
 
 import evals
 from evals import benchmarks, gpqa, runner
+from lora_jax import jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "..", "shared", "data")
@@ -21,8 +22,9 @@ STRONGREJECT = os.path.join(DATA, "strongreject", "strongreject_dataset.csv")
 
 @pytest.fixture(autouse=True)
 def _shared_data():
-  if not (os.path.exists(AIME24) and os.path.exists(STRONGREJECT)):
-    pytest.skip("shared data missing")
+  missing = [p for p in (AIME24, STRONGREJECT) if not os.path.exists(p)]
+  if missing:
+    pytest.fail(f"shared benchmark data missing: {missing} (the ../shared/data checkout)")
 
 
 @dataclass
@@ -144,9 +146,9 @@ def test_evaluate_end_to_end(tmp_path):
   out = tmp_path / "out" / "step_500"
   with open(out / "scores.json") as f:
     assert json.load(f) == scores
-  graded = runner.read_jsonl(str(out / "graded" / "aime24.jsonl"))
+  graded = jsonl.records(str(out / "graded" / "aime24.jsonl"))
   assert len(graded) == 8 and {g["rule"] for g in graded} == {"integer"}
-  gens = runner.read_jsonl(str(out / "generations" / "aime24.jsonl"))
+  gens = jsonl.records(str(out / "generations" / "aime24.jsonl"))
   assert gens[0]["prompt"].startswith("Solve the following math problem. Present the final")
   assert gens[0]["num_tokens"] == 3 and gens[0]["finish_reason"] == "stop"
 
@@ -156,7 +158,7 @@ def test_resume_skips_finished_samples(tmp_path):
   with pytest.raises(RuntimeError, match="simulated crash"):
     runner.evaluate(cfg, "m", FakeModel(cfg, fail_after=3), runner.Judges())
   path = tmp_path / "out" / "m" / "generations" / "aime24.jsonl"
-  done = [(r["task_id"], r["seed"]) for r in runner.read_jsonl(str(path))]
+  done = [(r["task_id"], r["seed"]) for r in jsonl.records(str(path))]
   assert len(done) == 3
   with open(path, "a") as f:  # a crash in the middle of writing a line
     f.write('{"task_id": "63", "seed": 0, "compl')
@@ -168,7 +170,7 @@ def test_resume_skips_finished_samples(tmp_path):
   records = runner.load_records(cfg, "aime24")
   for task, seed in done:
     assert (seed, benchmarks.build_prompt("aime24", records[task], seed)) not in asked
-  rows = runner.read_jsonl(str(path))
+  rows = jsonl.records(str(path))
   assert sorted((r["task_id"], r["seed"]) for r in rows) == sorted(
     (t, s) for t in records for s in (0, 1)
   )
@@ -207,7 +209,7 @@ def test_grade_only(tmp_path):
   result = scores["benchmarks"]["aime24"]
   assert result["n_samples"] == 4 and result["n_correct"] == 2 and result["n_tasks"] == 3
   assert result["pass@1"]["mean"] == pytest.approx((0.5 + 0 + 1) / 3)
-  graded = runner.read_jsonl(str(tmp_path / "scores.graded.jsonl"))
+  graded = jsonl.records(str(tmp_path / "scores.graded.jsonl"))
   assert [g["task_id"] for g in graded] == [records[i]["id"] for i in (0, 1, 2, 0)]
   assert [g["correct"] for g in graded] == [True, False, True, False]
 
@@ -249,7 +251,7 @@ def test_grade_only_cli(tmp_path):
   done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert done.returncode != 0
   assert done.stderr.strip().splitlines()[-1] == (
-    f"launch.eval: {gens} line 5: task_id 'nope' is not a aime24 id or index"
+    f"error: {gens} line 5: task_id 'nope' is not a aime24 id or index"
   )
 
 
@@ -307,7 +309,7 @@ def test_resolve_models(tmp_path):
   ):
     (exports / f"step_{step}").mkdir(parents=True)
     (exports / f"step_{step}" / marker).write_text("{}")
-  args = types.SimpleNamespace(
+  args = dict(
     model="org/base",
     adapter=None,
     workdir=str(tmp_path / "work"),
@@ -315,21 +317,19 @@ def test_resolve_models(tmp_path):
     include_base=True,
     label=None,
   )
-  assert runner.resolve_models(args) == [
+  assert runner.resolve_models(**args) == [
     ("base", "org/base", None),
     ("step_500", "org/base", str(exports / "step_500")),
     ("step_1000", str(exports / "step_1000"), None),
     ("step_1500", "org/base", str(exports / "step_1500")),
   ]
-  args.steps, args.include_base = "last", False
-  assert [m[0] for m in runner.resolve_models(args)] == ["step_1500"]
-  args.steps = "500,700"
+  args.update(steps="last", include_base=False)
+  assert [m[0] for m in runner.resolve_models(**args)] == ["step_1500"]
+  args.update(steps="500,700")
   with pytest.raises(ValueError, match=r"no export for step\(s\) \[700\]"):
-    runner.resolve_models(args)
-  single = types.SimpleNamespace(
-    model="m", adapter="/x/lora_r1/", workdir=None, steps="all", include_base=False, label=None
-  )
-  assert runner.resolve_models(single) == [("lora_r1", "m", "/x/lora_r1/")]
+    runner.resolve_models(**args)
+  single = runner.resolve_models(model="m", adapter="/x/lora_r1/")
+  assert single == [("lora_r1", "m", "/x/lora_r1/")]
 
 
 def test_parse_flags():

@@ -4,11 +4,12 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import read_metrics, tiny_run_dir, train_config, train_losses
+from helpers import read_metrics, tiny_run, tiny_run_dir, train_losses
 
 import lora_jax
 from lora_jax.checkpoint import Checkpointer, ResumeError
-from lora_jax.export import restore_model
+from lora_jax.run import restore_model
+from lora_jax.run_config import RunConfigError
 from lora_jax.train import train
 
 
@@ -32,7 +33,7 @@ def _final_adapter(workdir):
 
 
 def test_lora_run_trains_only_the_adapter(run_dir, tmp_path):
-  result = train(train_config(run_dir, **{"train.steps": 8}), str(tmp_path / "run"))
+  result = train(tiny_run(run_dir, **{"train.steps": 8}), str(tmp_path / "run"))
   assert result.status == "done" and result.step == 8
   losses = train_losses(tmp_path / "run")
   assert len(losses) == 8 and all(np.isfinite(losses))
@@ -56,14 +57,14 @@ def test_lora_run_trains_only_the_adapter(run_dir, tmp_path):
 @pytest.mark.parametrize("shape", ["fsdp:8", "fsdp:4,tensor:2", "data:2,fsdp:2,tensor:2"])
 def test_sharded_losses_equal_single_device(run_dir, tmp_path, shape):
   single = tmp_path / "single"
-  train(train_config(run_dir, **{"train.steps": 3}), str(single))
-  train(train_config(run_dir, **{"train.steps": 3, "mesh.shape": shape}), str(tmp_path / "mesh"))
+  train(tiny_run(run_dir, **{"train.steps": 3}), str(single))
+  train(tiny_run(run_dir, **{"train.steps": 3, "mesh.shape": shape}), str(tmp_path / "mesh"))
   np.testing.assert_allclose(train_losses(tmp_path / "mesh"), train_losses(single), atol=1e-5)
 
 
 def test_grad_accumulation_equals_one_big_batch(run_dir, tmp_path):
-  train(train_config(run_dir, **{"train.steps": 2}), str(tmp_path / "one"))
-  train(train_config(run_dir, **{"train.steps": 2, "train.grad_accum": 4}), str(tmp_path / "acc"))
+  train(tiny_run(run_dir, **{"train.steps": 2}), str(tmp_path / "one"))
+  train(tiny_run(run_dir, **{"train.steps": 2, "train.grad_accum": 4}), str(tmp_path / "acc"))
   np.testing.assert_allclose(
     train_losses(tmp_path / "acc"), train_losses(tmp_path / "one"), atol=1e-5
   )
@@ -74,7 +75,7 @@ def test_grad_accumulation_equals_one_big_batch(run_dir, tmp_path):
 
 
 def test_full_finetune_with_bf16_compute(run_dir, tmp_path):
-  cfg = train_config(
+  cfg = tiny_run(
     run_dir,
     **{"train.mode": "full", "train.steps": 2, "train.lr": 1e-4, "model.compute_dtype": "bfloat16"},
   )
@@ -89,7 +90,7 @@ def test_full_finetune_with_bf16_compute(run_dir, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(run_dir, tmp_path):
-  cfg = train_config(
+  cfg = tiny_run(
     run_dir,
     **{
       "train.steps": 6,
@@ -110,13 +111,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(run_dir, tmp_path):
 
 def test_resume_continues_exactly(run_dir, tmp_path):
   full = tmp_path / "full"
-  train(train_config(run_dir, **{"train.steps": 5, "lora.dropout": 0.1}), str(full))
+  train(tiny_run(run_dir, **{"train.steps": 5, "lora.dropout": 0.1}), str(full))
   part = tmp_path / "part"
   # Train 5 steps with a checkpoint each, then drop the last two (a run stopped at step 3 with
   # the same 5-step schedule) and resume: with dropout on, the RNG must resume exactly too.
-  cfg = train_config(
-    run_dir, **{"train.steps": 5, "lora.dropout": 0.1, "checkpoint.every_steps": 1}
-  )
+  cfg = tiny_run(run_dir, **{"train.steps": 5, "lora.dropout": 0.1, "checkpoint.every_steps": 1})
   train(cfg, str(part))
   ckpt = Checkpointer(str(part / "checkpoints"), async_save=False)
   for step in (4, 5):  # drop the last two checkpoints: the next run resumes from step 3
@@ -132,22 +131,22 @@ def test_resume_continues_exactly(run_dir, tmp_path):
 
 
 def test_resume_onto_another_model_is_refused(run_dir, tmp_path):
-  train(train_config(run_dir, **{"train.steps": 1}), str(tmp_path / "run"))
+  train(tiny_run(run_dir, **{"train.steps": 1}), str(tmp_path / "run"))
   other = tiny_run_dir(tmp_path / "other", intermediate_size=64)
   with pytest.raises(ResumeError, match="another model"):
-    train(train_config(other, **{"train.steps": 2}), str(tmp_path / "run"))
+    train(tiny_run(other, **{"train.steps": 2}), str(tmp_path / "run"))
   assert Checkpointer(str(tmp_path / "run" / "checkpoints")).latest_step() == 1  # nothing lost
 
 
 def test_bad_config_values_are_one_line(run_dir, tmp_path):
   with pytest.raises(lora_jax.MeshError, match="needs 6 devices, but there are 8"):
-    train(train_config(run_dir, **{"mesh.shape": "fsdp:3,tensor:2"}), str(tmp_path / "a"))
-  with pytest.raises(lora_jax.lora.LoRAError, match="matches no module"):
-    train(train_config(run_dir, **{"lora.targets": "attn_q"}), str(tmp_path / "b"))
+    train(tiny_run(run_dir, **{"mesh.shape": "fsdp:3,tensor:2"}), str(tmp_path / "a"))
+  with pytest.raises(RunConfigError, match="config.lora.targets='attn_q': .*matches no module"):
+    train(tiny_run(run_dir, **{"lora.targets": "attn_q"}), str(tmp_path / "b"))
 
 
 def test_orthogonal_regulariser_in_the_loop(run_dir, tmp_path):
-  cfg = train_config(
+  cfg = tiny_run(
     run_dir,
     **{
       "train.steps": 3,

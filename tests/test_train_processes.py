@@ -14,7 +14,7 @@ from flax import nnx
 from helpers import tiny_run_dir, train_losses
 
 from lora_jax.checkpoint import Checkpointer
-from lora_jax.export import restore_model
+from lora_jax.run import restore_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow

@@ -32,9 +32,10 @@ _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+|[\w-]+")
 _STATE_VERSION = 1
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """The `data.` config block. `seed=None` means the trainer's seed (it resolves it)."""
+  """The `data.` config block (lora_jax.run_config checks it). `seed=None` means 0 here; the
+  run config resolves it to train.seed."""
 
   source: str = "TianshengHuang/DirectRefusal"  # hub id, local data file, or data dir
   split: str = "train"  # HF split (slicing like "train[:90%]" works for files too)
@@ -48,15 +49,6 @@ class DataConfig:
   eval_fraction: float = 0.0  # else hold out this fraction of `source`'s rows
   shuffle: bool = True
   seed: int | None = None
-
-  @classmethod
-  def from_mapping(cls, mapping) -> DataConfig:
-    """From a dict or ml_collections ConfigDict; unknown keys are an error."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    extra = sorted(set(mapping.keys()) - known)
-    if extra:
-      raise DataError(f"unknown data config key(s) {extra}; known: {sorted(known)}")
-    return cls(**dict(mapping.items()))
 
 
 @dataclasses.dataclass
