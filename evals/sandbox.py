@@ -1,17 +1,27 @@
 """Run untrusted Python programs in throw-away sandbox processes.
 
-A `Sandbox` starts one fork server (`sandbox_server.py`, run as root in a fresh interpreter) and
-asks it for runs; see that file for the isolation each run gets (network, mount, PID and IPC
-namespaces, a private tmpfs, rlimits, an unprivileged uid per worker slot). This side only
-writes a run's files, hands the server the run's pipes, and drains them: stdout/stderr are kept
-up to a cap (a flood is killed, not buffered), results the program writes to fd 3 (the
-"channel") likewise, and a status pipe the program never holds says how it ended.
+A `Sandbox` starts one fork server (`sandbox_server.py`, a fresh interpreter) and asks it for
+runs; see that file for what each isolation gives. The isolation is chosen automatically
+(`isolation="auto"`), or forced:
 
-Each slot's uid is claimed with a lock file, so no two sandboxes on the machine share one. Past
-the wall-clock deadline this side asks the run process to kill the program (which ends its whole
-namespace), then kills the run process's group and the program itself. Where the OS refuses a
-namespace, runs go on without it and say so in `RunResult.notes`; without a PID namespace, every
-process of the slot's uid is killed after a stopped run instead.
+- "root" (as root): network, mount, PID and IPC namespaces, a private tmpfs, rlimits, and an
+  unprivileged uid per worker slot (claimed with a lock file, so no two sandboxes on the
+  machine share one);
+- "userns" (an ordinary user, where the kernel allows unprivileged user namespaces): the same
+  namespaces inside a user namespace, programs without any capability, the user's private
+  directories hidden, and process counts capped per run and for the whole sandbox;
+- "processes" (where neither is possible; "auto" falls back to it with one warning line):
+  separate processes with resource limits only, as EvalPlus runs them (as root, each slot still
+  gets its own uid).
+
+This side writes a run's files, hands the server the run's pipes, and drains them:
+stdout/stderr are kept up to a cap (a flood is killed, not buffered), results the program writes
+to fd 3 (the "channel") likewise, and a status pipe the program never holds says how it ended.
+Past the wall-clock deadline it asks the run process to kill the program (which ends its whole
+namespace), then kills the run process's and the program's process groups. Where the OS refuses
+a namespace, runs go on without it and say so in `RunResult.notes`; without a PID namespace, the
+server kills what a stopped run left (every process of the slot's uid as root, else every
+process it adopted).
 """
 
 from __future__ import annotations
@@ -19,8 +29,10 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import logging
 import os
 import queue
+import resource
 import select
 import selectors
 import shutil
@@ -33,12 +45,20 @@ import tempfile
 import threading
 import time
 
+from evals import sandbox_isolation as iso
+
+log = logging.getLogger(__name__)
+
 # Each worker slot runs as its own uid = gid, uid_base + n, where n is claimed with a lock file so
 # that no two Sandboxes on the machine (other processes included) share one. Far above login and
 # subordinate-id ranges, so "kill every process of this uid" can only hit our own sandboxes.
 DEFAULT_UID_BASE = 1_900_000_000
 MAX_UIDS = 4096
 _SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_server.py")
+ISOLATIONS = ("auto", "root", "userns", "processes")
+# Processes (threads included) of this user left to the evaluator beyond those it runs when the
+# sandbox starts (its worker threads, a progress bar's): the sandbox's budget stops below.
+EVALUATOR_RESERVE = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,32 +91,33 @@ class RunResult:
 
 
 class Sandbox:
-  """`workers` sandbox slots (one uid each) behind one fork server. `run` is thread-safe and
-  blocks until a slot is free, so a thread pool of `workers` threads can drive it.
+  """`workers` sandbox slots behind one fork server. `run` is thread-safe and blocks until a slot
+  is free, so a thread pool of `workers` threads can drive it.
 
-  `preload`: modules the fork server imports once, so programs get them for free (each costs
-  every fork some memory); `prelude`: trusted source the fork server runs once as a module of
-  the given name, importable by every program (e.g. a test harness, compiled once)."""
+  `isolation`: one of ISOLATIONS (see the top of this file); the one in use is
+  `self.isolation`. `preload`: modules the fork server imports once, so programs get them for
+  free (each costs every fork some memory); `prelude`: trusted source the fork server runs once
+  as a module of the given name, importable by every program (e.g. a test harness, compiled
+  once); `hide`: directories programs must not see when they run as this user (e.g. where
+  expected outputs are kept), on top of its home and temporary directories."""
 
   def __init__(
     self,
     workers: int = 2,
     limits: Limits = Limits(),
     uid_base: int = DEFAULT_UID_BASE,
-    namespaces: bool = True,
+    isolation: str = "auto",
     preload: tuple[str, ...] = (),
     prelude: dict[str, str] | None = None,
+    hide: tuple[str, ...] = (),
   ):
     if workers < 1:
       raise ValueError(f"sandbox workers must be >= 1, got {workers}")
-    if os.geteuid() != 0:
-      raise PermissionError(
-        "the code sandbox must run as root: it drops each program to "
-        "its own unprivileged uid (root is needed to switch uids)"
-      )
+    mode = _first_isolation(isolation)
     self.limits = limits
-    self._uid_locks = _claim_uids(workers, uid_base)
-    self.uids = tuple(uid for uid, _ in self._uid_locks)
+    root = os.geteuid() == 0
+    self._uid_locks = claim_uids(workers, uid_base) if root else []
+    self.uids = tuple(u for u, _ in self._uid_locks) if root else (os.getuid(),) * workers
     self._slots: queue.SimpleQueue[int] = queue.SimpleQueue()
     for slot in range(workers):
       self._slots.put(slot)
@@ -106,23 +127,49 @@ class Sandbox:
     self._root = tempfile.mkdtemp(prefix="lora_jax_sandbox_", dir=shm)
     os.chmod(self._root, 0o711)
     self._lock = threading.Lock()
-    self._start_server(namespaces, preload, prelude or {})
+    try:
+      self.isolation = self._start(isolation, mode, self._config(workers, preload, prelude, hide))
+    except BaseException:
+      self._release()
+      raise
 
-  def _start_server(self, namespaces: bool, preload, prelude) -> None:
-    self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+  def _start(self, isolation: str, mode: str, cfg: dict) -> str:
+    """Start the fork server in `mode`; "auto" falls back from "userns" to "processes".
+    Returns the mode in use."""
+    try:
+      self._start_server(dict(cfg, mode=mode))
+    except _NoServer as e:
+      if isolation != "auto" or mode != "userns":
+        raise RuntimeError(f"the sandbox fork server did not start: {e}") from None
+      log.warning(_warning(f"no user namespace here ({e})"))
+      self._start_server(dict(cfg, mode="processes"))
+      return "processes"
+    if mode == "processes":
+      log.warning(_warning("isolation 'processes' asked for"))
+    return mode
+
+  def _config(self, workers: int, preload, prelude, hide) -> dict:
+    """The fork server's configuration, less its mode and socket."""
+    site_dirs = [d for d in site.getsitepackages() if os.path.isdir(d)]
+    keep = {sys.base_prefix, sys.prefix, *site_dirs, self._root}
     cfg = dict(
-      sock_fd=theirs.fileno(),
       uids=self.uids,
-      namespaces=namespaces,
       preload=list(preload),
-      prelude=prelude,
-      site_dirs=[d for d in site.getsitepackages() if os.path.isdir(d)],
-      expose=sorted({os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}),
+      prelude=prelude or {},
+      site_dirs=site_dirs,
+      keep=sorted({os.path.realpath(p) for p in keep}),
+      hide=_private_dirs(hide),
     )
+    if os.geteuid() != 0:
+      cfg.update(_process_budget(workers, self.limits.nproc))
+    return cfg
+
+  def _start_server(self, cfg: dict) -> None:
+    self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     # -E -s -S: no environment, user site or site hooks; unlike -I, the script's folder stays on
     # sys.path (the server imports its helper module from there, then drops it).
     self._server = subprocess.Popen(
-      [sys.executable, "-E", "-s", "-S", _SERVER, json.dumps(cfg)],
+      [sys.executable, "-E", "-s", "-S", _SERVER, json.dumps(dict(cfg, sock_fd=theirs.fileno()))],
       stdin=subprocess.DEVNULL,
       stdout=subprocess.DEVNULL,
       pass_fds=(theirs.fileno(),),
@@ -132,19 +179,25 @@ class Sandbox:
     theirs.close()
     hello = self._sock.recv(1 << 16)
     if hello != b"ready":
-      self.close()
-      raise RuntimeError(f"the sandbox fork server did not start: {hello.decode()!r}")
+      self._stop_server()
+      raise _NoServer(hello.decode(errors="replace") or "it exited")
 
-  def close(self) -> None:
+  def _stop_server(self) -> None:
     self._sock.close()  # the fork server exits on EOF
     try:
       self._server.wait(timeout=5)
     except subprocess.TimeoutExpired:
       self._server.kill()
       self._server.wait()
+
+  def _release(self) -> None:
     shutil.rmtree(self._root, ignore_errors=True)
     for _, lock in self._uid_locks:
       os.close(lock)
+
+  def close(self) -> None:
+    self._stop_server()
+    self._release()
 
   def __enter__(self) -> Sandbox:
     return self
@@ -208,6 +261,73 @@ class Sandbox:
         pass
 
 
+class _NoServer(Exception):
+  """The fork server did not start; the message is its reason."""
+
+
+def _first_isolation(isolation: str) -> str:
+  """The isolation to try first; raises on one this process cannot have."""
+  if isolation not in ISOLATIONS:
+    raise ValueError(
+      f"unknown sandbox isolation {isolation!r}; expected one of {', '.join(ISOLATIONS)}"
+    )
+  root = os.geteuid() == 0
+  if isolation == "root" and not root:
+    raise PermissionError("sandbox isolation 'root' needs root (isolation 'userns' does not)")
+  if isolation == "userns" and root:
+    # As root in a user namespace, programs would still be root to the kernel's process limit.
+    raise ValueError("sandbox isolation 'userns' is for ordinary users; as root use 'root'")
+  if isolation == "auto":
+    return "root" if root else "userns"
+  return isolation
+
+
+def _warning(why: str) -> str:
+  if os.geteuid() == 0:
+    return (
+      f"code sandbox: {why}: programs run under their own uids with resource limits only, "
+      "without namespaces: NOT isolated from the network"
+    )
+  return (
+    f"code sandbox: {why}: programs run as plain processes of this user with resource limits "
+    "only (as EvalPlus runs them): NOT isolated from the network, from the files this user can "
+    "read or write, or from this user's other processes"
+  )
+
+
+def _private_dirs(extra) -> list[str]:
+  """Directories hidden from programs that run as this user: its home and temporary and
+  runtime directories, and `extra`; never one that holds the system (/, /usr)."""
+  dirs = [*iso.PRIVATE_DIRS, os.path.expanduser("~"), os.environ.get("XDG_RUNTIME_DIR", "/run")]
+  out = set()
+  for d in (*dirs, *extra):
+    real = os.path.realpath(d)
+    if not any(s == real or s.startswith(real.rstrip("/") + "/") for s in ("/usr", "/etc")):
+      out.add(real)
+  return sorted(out)
+
+
+def _process_budget(workers: int, nproc: int) -> dict:
+  """How many processes (threads too) all runs together may hold (`nproc_total`), and how many
+  this user runs now (`nproc_base`). Within this user's RLIMIT_NPROC, minus what it runs now and
+  EVALUATOR_RESERVE: a fork bomb must never leave the evaluator unable to start a thread."""
+  want = workers * (nproc + 2) + 1  # each slot: a run process, its program's, a warm one; server
+  used = sum(threads for _, threads in iso.user_tasks(os.getuid()).values())
+  soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
+  if soft == resource.RLIM_INFINITY:
+    return dict(nproc_total=want, nproc_base=used)
+  room = soft - used - EVALUATOR_RESERVE
+  if room < workers * 4 + 2:
+    raise RuntimeError(
+      f"this user's process limit (ulimit -u {soft}) leaves the code sandbox {max(room, 0)} "
+      f"processes ({used} in use, {EVALUATOR_RESERVE} kept for the evaluator); it needs at "
+      f"least {workers * 4 + 2} for {workers} workers: raise ulimit -u or use fewer workers"
+    )
+  if room < want:
+    log.info("code sandbox: ulimit -u %d leaves all runs together %d processes", soft, room)
+  return dict(nproc_total=min(want, room), nproc_base=used)
+
+
 def _result(streams: dict, killed_for: str, duration: float, limits: Limits) -> RunResult:
   """A run's result from its drained streams and why it was stopped ("" if it was not)."""
   status = [json.loads(line) for line in streams["status"].splitlines() if line]
@@ -249,8 +369,8 @@ class _Drain:
   by stream, kill reason or ""), once the run is over (its processes gone).
 
   Stopping: SIGUSR1 asks the run process to SIGKILL the program (which ends its namespace);
-  should the pipes stay open 5 s later, the run process's group and the program are SIGKILLed
-  directly (the program may have left the group with setsid)."""
+  should the pipes stay open 5 s later, the run process's and the program's process groups and
+  the program are SIGKILLed directly (the program may have left its group with setsid)."""
 
   NAMES = ("stdout", "stderr", "channel", "status")
 
@@ -324,13 +444,14 @@ class _Drain:
       _send(self.run_pidfd, signal.SIGKILL)
       if self.run_pid is not None:
         _kill_quietly(lambda: os.killpg(self.run_pid, signal.SIGKILL))
-      for program_pid in self._status("program_pid"):
+      for program_pid in self._status("program_pid"):  # it leads a process group too
+        _kill_quietly(lambda p=program_pid: os.killpg(p, signal.SIGKILL))
         _kill_quietly(lambda p=program_pid: os.kill(p, signal.SIGKILL))
     # Stopping a namespace of many processes takes a while on a busy machine.
     self.deadline = time.monotonic() + (5.0 if self.stage == 1 else 1.0)
 
 
-def _claim_uids(n: int, uid_base: int) -> list[tuple[int, int]]:
+def claim_uids(n: int, uid_base: int) -> list[tuple[int, int]]:
   """`n` (uid, lock fd) pairs: uid_base + k for the first k whose lock file this process can
   lock exclusively (the lock goes with the fd, and with the process if it dies)."""
   folder = os.path.join(tempfile.gettempdir(), "lora_jax_sandbox_uids")

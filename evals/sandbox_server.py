@@ -1,29 +1,50 @@
-"""The code sandbox's fork server: run as a script by `sandbox.Sandbox` (root, single-threaded,
-a fresh `python -E -s -S`), it forks every run, so a run costs forks, not interpreter start-ups.
+"""The code sandbox's fork server: run as a script by `sandbox.Sandbox` (single-threaded, a fresh
+`python -E -s -S`), it forks every run, so a run costs forks, not interpreter start-ups. A fork
+costs in proportion to the forking process's memory: this file and `sandbox_isolation` import
+only what they need (the client side lives in `sandbox`).
 
-A fork costs in proportion to the forking process's memory: this file and `sandbox_isolation`
-import only what they need (the client side lives in `sandbox`).
+At start the server imports the requested modules and trusted preludes and warms up the
+compiler, then isolates itself, by `cfg["mode"]`:
 
-At start the server imports the requested modules and trusted preludes, warms up the compiler,
-and enters its own empty network namespace (no device up, not even loopback) and its own mount
-namespace, where every mount is read-only, directories closed to others (`/root`) are hidden
-(only the Python installation is bound back) and `/proc` hides other users' processes. For each
-worker slot it keeps one "run process" (root) forked ahead of time, which:
+- "root" (the server runs as root): its own empty network namespace (no device up, not even
+  loopback) and mount namespace, where every mount is read-only, directories closed to others
+  (`/root`) are hidden (only the Python installation is bound back) and `/proc` hides other
+  users' processes;
+- "userns" (an ordinary user): first a user namespace of its own (the user's uid mapped onto
+  itself), then the same network and mount namespaces; as programs run as the evaluator's uid,
+  its private directories are hidden too (home, /tmp, /run, /dev/shm: keys, sockets, the
+  expected outputs) with the Python installation bound back;
+- "processes": no namespace at all (the OS refuses them): resource limits only.
+
+For each worker slot it keeps one "run process" forked ahead of time, which:
 
 1. leads its own session and process group;
-2. enters new PID, IPC and mount namespaces, waits for its request, and mounts a private
-   size-limited tmpfs on the run's directory;
+2. enters new PID, IPC and mount namespaces ("userns": inside a user namespace of its own,
+   created with RLIMIT_NPROC at the sandbox-wide budget), waits for its request, and mounts a
+   private size-limited tmpfs holding the run's directory;
 3. forks the program process, PID 1 of the new PID namespace: when it exits, the kernel kills
-   everything left in the namespace, including processes that escaped with `setsid`. It sets
-   rlimits, drops to the slot's unprivileged uid/gid (root ignores RLIMIT_NPROC; the uid can
-   neither signal nor write anything of ours), sets `PR_SET_NO_NEW_PRIVS`, scrubs the
-   environment (HOME and TMPDIR = the run's directory) and runs the program as `__main__`;
+   everything left in the namespace, including processes that escaped with `setsid`. It leads
+   its own session and process group (killed at its end: all of it at once), sets
+   rlimits (CPU, address space, processes, file size, open files, no core), gives up its
+   privileges ("root": drops to the slot's own unprivileged uid, which can neither signal nor
+   write anything of ours; "userns": drops every capability), sets `PR_SET_NO_NEW_PRIVS`,
+   scrubs the environment (HOME and TMPDIR = the run's directory) and runs the program as
+   `__main__`;
 4. waits for it and reports how it ended on a pipe the program never holds (one JSON object a
    line: run_pid, notes, program_pid, then exit / signal / error).
 
 SIGUSR1 to a run process means "stop it now": it SIGKILLs the program (PID 1 of its namespace:
 all of it). Where the OS refuses a namespace, runs go on without it and say so in their notes;
-without a PID namespace every process of the slot's uid is killed after the run instead.
+without a PID namespace the run process kills what the program left after it ends (as root:
+every process of the slot's uid; else: every descendant, which a subreaper adopts).
+
+Processes in a user namespace count towards RLIMIT_NPROC per (namespace, uid), and also towards
+their creator's count in the parent namespace, capped there by the creator's RLIMIT_NPROC when
+it created the namespace. So in "userns" a run holds at most `Limits.nproc` processes (its own
+namespace's count), all runs together at most `cfg["nproc_total"]` (the run processes' soft
+limit when they create their namespaces), and the evaluator keeps the rest of this user's
+`ulimit -u` (measured: two fork bombs under `ulimit -u 100` and a budget of 40 held 40 tasks
+of the uid, and the evaluator still started 20 threads).
 """
 
 from __future__ import annotations
@@ -36,6 +57,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import types
 
 # Run as a script, this file's folder is sys.path[0]: its helper module is imported from there
@@ -65,16 +87,16 @@ def _serve(cfg: dict) -> None:
   sock.send(b"ready")
   # One "warm" run process per slot, forked and isolated ahead of its request, so that a run
   # starts without waiting for that fork; the next one is forked while the run goes on.
-  warm = {}
+  warm, running = {}, {}  # slot -> (socket, pid) of its warm run process; slot -> pid
   for slot in range(len(cfg["uids"])):
-    warm[slot] = _spawn_warm(cfg, slot, [sock, *warm.values()])
+    warm[slot] = _spawn_warm(cfg, slot, [sock, *(c for c, _ in warm.values())])
   while True:
     try:
       msg, fds, _, _ = socket.recv_fds(sock, 1 << 16, 8)
     except OSError:
       msg = b""
     if not msg:  # the parent closed its end
-      _shut_down(warm)
+      _shut_down([c for c, _ in warm.values()])
       return
     req = json.loads(msg)
     slot = int(req["slot"])
@@ -82,10 +104,12 @@ def _serve(cfg: dict) -> None:
       for fd in fds:
         os.close(fd)
     elif req["op"] == "run":
-      _hand_over(warm.pop(slot), msg, fds)
-      warm[slot] = _spawn_warm(cfg, slot, [sock, *warm.values()])
+      conn, running[slot] = warm.pop(slot)
+      _hand_over(conn, msg, fds)
+      warm[slot] = _spawn_warm(cfg, slot, [sock, *(c for c, _ in warm.values())])
     else:  # "sweep", synchronous: the parent waits for the kill to be done
-      _sweep(cfg["uids"][slot])
+      run_processes = {pid for _, pid in warm.values()} | set(running.values())
+      _sweep(cfg["uids"][slot], run_processes)
       sock.send(b"done")
 
 
@@ -105,18 +129,31 @@ def _start(cfg: dict) -> None:
 
 
 def _server_namespaces(cfg) -> list[str]:
-  """The fork server's own namespaces, inherited by every run: an empty network namespace, and a
-  mount namespace with every mount read-only, closed directories hidden and a /proc that shows
-  other users' processes to nobody (hidepid). Each run copies the mount namespace and adds its own
-  writable directory. Returns notes on what the OS refused (repeated in every run's result)."""
-  if not cfg["namespaces"]:
-    return [f"no {what} namespace: disabled" for what in ("PID", "network", "IPC", "mount")]
-  notes: list[str] = []
+  """The fork server's own namespaces, inherited by every run (see the top of this file). Each
+  run copies the mount namespace and adds its own writable directory. Returns notes on what the
+  OS refused (repeated in every run's result); in "userns" a refusal is an error instead (the
+  client then falls back to "processes")."""
+  if cfg["mode"] == "processes":
+    return [
+      f"no {what} namespace: isolation 'processes'" for what in ("PID", "network", "IPC", "mount")
+    ]
+  if cfg["mode"] == "userns":
+    iso.enter_user_namespace()
+    for flag, what in ((iso.CLONE_NEWNET, "network"), (iso.CLONE_NEWNS, "mount")):
+      iso.unshare(flag, what)
+    iso.make_mounts_private()
+    iso.hide(cfg["hide"], cfg["keep"])
+    # /proc stays writable: each run process writes its user namespace's uid map there, and
+    # each program covers it with a /proc of its own PID namespace.
+    notes: list[str] = []
+    iso.read_only_mounts(notes.append, skip=("/proc",))
+    return notes
+  notes = []
   iso.unshare(iso.CLONE_NEWNET, "network", notes.append)
   if iso.unshare(iso.CLONE_NEWNS, "mount", notes.append):
     try:
       iso.make_mounts_private()
-      iso.expose(cfg["expose"])
+      iso.hide(iso.closed_ancestors(cfg["keep"]), cfg["keep"])
       iso.read_only_mounts(notes.append)
       iso.mount_proc("hidepid=2")
     except OSError as e:
@@ -124,10 +161,10 @@ def _server_namespaces(cfg) -> list[str]:
   return notes
 
 
-def _shut_down(warm: dict) -> None:
+def _shut_down(warm: list[socket.socket]) -> None:
   """Wait for the last runs, then return."""
   signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-  for conn in warm.values():
+  for conn in warm:
     conn.close()  # a warm run process leaves when its socket closes
   while True:
     try:
@@ -147,7 +184,15 @@ def _hand_over(conn: socket.socket, msg: bytes, fds: list[int]) -> None:
   conn.close()
 
 
-def _sweep(uid: int) -> None:
+def _sweep(uid: int, run_processes: set[int]) -> None:
+  """Kill what a stopped run left behind without a PID namespace: every process of the slot's
+  uid (as root), else every process the server adopted that is not a run process."""
+  if uid == os.getuid():
+    for _ in range(100):  # a few passes stop any fork bomb within its process limit
+      if not iso.kill_descendants(os.getpid(), run_processes):
+        return
+      time.sleep(0.005)
+    return
   killer = os.fork()
   if killer == 0:
     iso.kill_uid(uid)
@@ -158,8 +203,9 @@ def _sweep(uid: int) -> None:
     pass
 
 
-def _spawn_warm(cfg, slot: int, keep_away: list) -> socket.socket:
-  """Fork the run process of `slot`'s next run; returns the socket its request goes to.
+def _spawn_warm(cfg, slot: int, keep_away: list) -> tuple[socket.socket, int]:
+  """Fork the run process of `slot`'s next run; returns the socket its request goes to and
+  its pid.
   `keep_away`: sockets the run process must not hold (the program must never reach the fork
   server)."""
   ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -173,7 +219,7 @@ def _spawn_warm(cfg, slot: int, keep_away: list) -> socket.socket:
     finally:
       os._exit(0)
   theirs.close()
-  return ours
+  return ours, pid
 
 
 def _reap(signum=None, frame=None) -> None:
@@ -191,9 +237,9 @@ def _reap(signum=None, frame=None) -> None:
 
 def _run_process(cfg: dict, uid: int, conn: socket.socket) -> None:
   """Isolate, wait for the request, fork the program, wait for it, report how it ended.
-  Without a PID namespace, adopt orphans (subreaper) and kill every process of the uid before
+  Without a PID namespace, adopt orphans (subreaper) and kill what the program left before
   leaving."""
-  os.setsid()
+  os.setsid()  # (and so a scheduler autogroup of its own: a fair share of a busy machine)
   notes = list(cfg["notes"])
   pid_ns, mount_ns = _enter_namespaces(cfg, notes.append)
   try:
@@ -220,9 +266,9 @@ def _run_process(cfg: dict, uid: int, conn: socket.socket) -> None:
     for note in notes:
       report(note=note)
     fresh_proc = _prepare_dir(req, uid, pid_ns, mount_ns, report)
-    _supervise(req, uid, (chan_w, stat_w), fresh_proc, program, report)
+    _supervise(req, cfg, uid, (chan_w, stat_w), fresh_proc, program, report)
     if not pid_ns:
-      _kill_uid_and_reap(uid)
+      _kill_leftovers_and_reap(uid)
   except ChildProcessError:
     pass
   except BaseException as e:  # noqa: BLE001 - reported to the parent, never raised
@@ -238,20 +284,33 @@ def _stop(program: dict) -> None:
     signal.pidfd_send_signal(program["pidfd"], signal.SIGKILL)
   except ProcessLookupError:
     pass
+  _kill_group(program["pid"])  # not reaped yet (we are in its wait): still its group
 
 
-def _supervise(req, uid, fds, fresh_proc: bool, program: dict, report) -> None:
-  """Fork the program, and report its pid and how it ended."""
+def _kill_group(pgid: int) -> None:
+  """SIGKILL a process group: all of it at once, so none of it can fork meanwhile."""
+  try:
+    os.killpg(pgid, signal.SIGKILL)
+  except ProcessLookupError:
+    pass
+
+
+def _supervise(req, cfg, uid, fds, fresh_proc: bool, program: dict, report) -> None:
+  """Fork the program, and report its pid and how it ended. The program leads a session and
+  process group of its own, killed when it ends: what a PID namespace does not end."""
   iso.prctl(iso.PR_SET_CHILD_SUBREAPER, 1)
   signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # until the pid is known
   child = os.fork()
   if child == 0:
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
-    _run_program(req, uid, *fds, fresh_proc)
-  program["pidfd"] = os.pidfd_open(child)
+    _run_program(req, cfg, uid, *fds, fresh_proc)
+  program.update(pid=child, pidfd=os.pidfd_open(child))
   report(program_pid=child)
   signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+  # Ended but not reaped: its pid, and so its group's id, cannot be reused meanwhile.
+  os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)
+  _kill_group(child)
   _, st = os.waitpid(child, 0)
   if os.WIFSIGNALED(st):
     report(signal=os.WTERMSIG(st))
@@ -259,20 +318,34 @@ def _supervise(req, uid, fds, fresh_proc: bool, program: dict, report) -> None:
     report(exit=os.WEXITSTATUS(st))
 
 
-def _kill_uid_and_reap(uid: int) -> None:
-  """Kill every process of `uid`, reap all this subreaper adopted; ends in ChildProcessError."""
-  killer = os.fork()
-  if killer == 0:
-    iso.kill_uid(uid)
-    os._exit(0)
+def _kill_leftovers_and_reap(uid: int) -> None:
+  """Kill what the program left (every process of its uid as root, else every descendant of
+  this subreaper) and reap it all; ends in ChildProcessError once none is left."""
+  if uid != os.getuid():
+    killer = os.fork()
+    if killer == 0:
+      iso.kill_uid(uid)
+      os._exit(0)
+    while True:
+      os.wait()
   while True:
-    os.wait()
+    iso.kill_descendants(os.getpid(), set())
+    while os.waitpid(-1, os.WNOHANG)[0]:
+      pass
+    time.sleep(0.002)  # processes signalled take a moment to end
 
 
 def _enter_namespaces(cfg, note) -> tuple[bool, bool]:
-  """The run's own PID, IPC and mount namespaces; returns (PID namespace, mount namespace)."""
-  if not cfg["namespaces"]:
+  """The run's own PID, IPC and mount namespaces ("userns": in a user namespace of its own,
+  see the top of this file); returns (PID namespace, mount namespace)."""
+  if cfg["mode"] == "processes":
     return False, False
+  if cfg["mode"] == "userns":
+    try:
+      iso.set_soft_nproc(cfg["nproc_total"])
+      iso.enter_user_namespace()
+    except OSError as e:  # the server's namespaces still isolate; the process counts are shared
+      note(f"no user namespace of its own: {e}")
   pid_ns = iso.unshare(iso.CLONE_NEWPID, "PID", note)
   iso.unshare(iso.CLONE_NEWIPC, "IPC", note)
   mount_ns = not any(n.startswith("no mount namespace") for n in cfg["notes"])
@@ -282,21 +355,25 @@ def _enter_namespaces(cfg, note) -> tuple[bool, bool]:
 def _prepare_dir(req, uid, pid_ns: bool, mount_ns: bool, report) -> bool:
   """The run's directory (a private tmpfs, else the host directory handed to the uid);
   returns whether the program should mount a /proc of its own."""
-  workdir = req["workdir"]
+  workdir, gid = req["workdir"], uid if uid != os.getuid() else os.getgid()
   if mount_ns:
     try:
-      iso.private_dir(workdir, uid, req["limits"]["tmpfs_bytes"])
+      iso.private_dir(workdir, uid, gid, req["limits"]["tmpfs_bytes"])
     except OSError as e:
       report(note=f"no private directory: {e}")
       mount_ns = False
   if not mount_ns:
-    os.chown(workdir, uid, uid)
+    os.chown(workdir, uid, gid)
     os.chmod(workdir, 0o700)
   return pid_ns and mount_ns
 
 
-def _run_program(req, uid, chan_w, stat_w, fresh_proc: bool) -> None:
+def _run_program(req, cfg, uid, chan_w, stat_w, fresh_proc: bool) -> None:
+  """The program's process: isolate, limit, drop privileges, compile, run the program."""
   try:
+    # A session and process group of its own: a program of our uid could otherwise signal
+    # the run process through its group (so, as in a job a shell started, setsid() fails).
+    os.setsid()
     workdir = req["workdir"]
     if fresh_proc:  # PID 1 of the new namespace mounts a /proc showing only that namespace
       iso.mount_proc()
@@ -304,8 +381,13 @@ def _run_program(req, uid, chan_w, stat_w, fresh_proc: bool) -> None:
     os.dup2(chan_w, CHANNEL_FD)
     os.closerange(CHANNEL_FD + 1, 1 << 16)
     os.chdir(workdir)
-    iso.set_limits(req["limits"])
-    iso.drop_to_uid(uid)
+    iso.set_limits(req["limits"], _nproc(cfg, req["limits"]))
+    if uid != os.getuid():
+      iso.drop_to_uid(uid)
+    elif cfg["mode"] == "userns":
+      iso.drop_capabilities()
+    else:
+      iso.prctl(iso.PR_SET_NO_NEW_PRIVS, 1)
     os.umask(0o077)
     os.environ.clear()
     os.environ.update(
@@ -318,6 +400,17 @@ def _run_program(req, uid, chan_w, stat_w, fresh_proc: bool) -> None:
     os.write(2, f"sandbox: cannot start the program: {e!r}\n".encode())
     os._exit(125)
   os._exit(_exec_main(code, path))
+
+
+def _nproc(cfg, lim) -> int:
+  """The program's RLIMIT_NPROC. It counts the processes of its real uid in its user
+  namespace: as root the slot's uid (the program's alone); in "userns" its namespace's (its
+  run process too); in "processes" all of this user's (those at the start, plus the budget)."""
+  if cfg["mode"] == "userns":
+    return lim["nproc"] + 1
+  if os.getuid() != 0:
+    return cfg["nproc_base"] + cfg["nproc_total"]
+  return lim["nproc"]
 
 
 def _exec_main(code, path: str) -> int:

