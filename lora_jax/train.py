@@ -205,19 +205,26 @@ def init_state(cfg: RunConfig, model, total_steps: int, mesh) -> State:
   spans = ortho_lib.compute_spans(model, ortho, cfg.train.seed) if ortho is not None else None
   graphdef, trainable, frozen = split_trainable(model, cfg.train.mode)
   trainable = own_buffers(trainable)
-  opt_state = _replicate_unsharded(jax.jit(tx.init)(trainable), mesh)
+  opt_state = init_opt_state(tx, trainable, mesh)
   fingerprint = ckpt_lib.model_fingerprint(model.config, cfg.train.mode, cfg.adapter)
   return State(
     graphdef, trainable, frozen, opt_state, tx, schedule, spans, model.config, fingerprint
   )
 
 
-def _replicate_unsharded(tree, mesh):
-  """Scalars such as Adam's step count come out of jit on one device; put them on the mesh."""
+def init_opt_state(tx: optax.GradientTransformation, trainable, mesh):
+  """The optimizer state of `trainable`, placed as `opt_state_shardings` says. Traceable on
+  abstract params: `lora_jax.plan` evaluates it with `jax.eval_shape` to plan memory, so the plan
+  follows whatever placement training uses."""
+  abstract = jax.eval_shape(tx.init, trainable)
+  return jax.jit(tx.init, out_shardings=opt_state_shardings(abstract, mesh))(trainable)
+
+
+def opt_state_shardings(abstract_opt_state, mesh):
+  """Every optimizer-state leaf replicated on the mesh (Adam's moments included: issue 12 item 4
+  shards them like their params)."""
   replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.tree.map(
-    lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated), tree
-  )
+  return jax.tree.map(lambda _: replicated, abstract_opt_state)
 
 
 def resume(checkpointer: ckpt_lib.Checkpointer, state: State, it: DataIterator) -> int:
