@@ -286,7 +286,7 @@ def _warning(why: str) -> str:
   if os.geteuid() == 0:
     return (
       f"code sandbox: {why}: programs run under their own uids with resource limits only, "
-      "without namespaces: NOT isolated from the network"
+      "without namespaces: NOT isolated from the network or from world-writable files"
     )
   return (
     f"code sandbox: {why}: programs run as plain processes of this user with resource limits "

@@ -193,7 +193,11 @@ class UserSandbox:
   def __init__(self, user: OrdinaryUser, workers: int = 2, user_namespaces: bool = True, **kwargs):
     self.user, self.workers, self.home = user, workers, user.home
     self.proxy = Proxy(user, user_namespaces)
-    info = self.proxy.call("open", dict(kwargs, workers=workers))
+    try:
+      info = self.proxy.call("open", dict(kwargs, workers=workers))
+    except BaseException:
+      self.proxy.close()
+      raise
     self.isolation, self.uids, self.server = info["isolation"], info["uids"], info["server"]
     self.bystanders: set[int] = set()
 

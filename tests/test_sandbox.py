@@ -443,6 +443,12 @@ print(os.getuid())
     sb.close()
 
 
+def test_a_process_limit_too_tight_is_one_clear_error():
+  with OrdinaryUser(nproc=40) as user:
+    with pytest.raises(RuntimeError, match=r"ulimit -u 40\) leaves the code sandbox \d+ processes"):
+      UserSandbox(user, workers=2)
+
+
 def test_isolation_choices_are_checked():
   with pytest.raises(ValueError, match="unknown sandbox isolation 'docker'"):
     Sandbox(isolation="docker")
