@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from evals import judge_validation, refusal_judge  # noqa: E402
 
-JUDGES = ("refusal_behaviour", "gcg_keywords")
+JUDGES = ("refusal_classifier", "refusal_behaviour", "gcg_keywords")
 MODELS = {
   "gpt4": "GPT-4",
   "llama2orig": "Llama-2-70b-chat, original system prompt",
@@ -38,16 +38,18 @@ def _pct(x: float | None) -> str:
 
 def markdown(results: list[dict]) -> str:
   header = (
-    "| split | model | judge | refusal / compliance items | agreement % [95% CI] "
-    "| false refusal % | missed refusal % | partial refusals: n, % called refusal |"
+    "| split | model | judge | this model's labels, for this judge | refusal / compliance items "
+    "| agreement % [95% CI] | false refusal % | missed refusal % "
+    "| partial refusals: n, % called refusal |"
   )
-  lines = [header, "|" + "---|" * 8]
+  lines = [header, "|" + "---|" * 9]
   for r in results:
     a = r["agreement"]
     model = MODELS.get(r["model"], r["model"])
     model = f"**{model}**" if r["model"] == "all" else model
     lines.append(
-      f"| {r['split']} | {model} | `{r['judge']}` | {r['n_refusal']} / {r['n_compliance']} "
+      f"| {r['split']} | {model} | `{r['judge']}` | {r['role']} "
+      f"| {r['n_refusal']} / {r['n_compliance']} "
       f"| {_pct(a['mean'])} [{_pct(a['ci_low'])}, {_pct(a['ci_high'])}] "
       f"| {_pct(r['false_refusal_rate'])} | {_pct(r['missed_refusal_rate'])} "
       f"| {r['n_partial']}, {_pct(r['partial_called_refusal'])} |"
@@ -83,7 +85,7 @@ def main() -> None:
     judge = refusal_judge.get(name)
     start = time.perf_counter()
     for text in texts:
-      judge.classify(text)
+      judge.verdict(text, True)
     ms[name] = 1e3 * (time.perf_counter() - start) / len(texts)
     print(f"{name}: {judge.description}; {ms[name]:.3f} ms per answer (one CPU core)")
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

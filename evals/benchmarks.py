@@ -341,7 +341,8 @@ def grade(
       out.append({**s, **gpqa.grade_gpqa(text, record, int(s.get("seed", 0)), template)})
     else:
       extra = {"label": record["label"]} if bench.kind == "over_refusal" else {}
-      verdict = refusals.classify(text)
+      harmful = bench.kind == "safety" or record.get("label") == "unsafe"
+      verdict = refusals.verdict(text, harmful)
       extra.update(
         refusal_judge=refusals.name, refusal_verdict=verdict.verdict, refusal_reason=verdict.reason
       )

@@ -5,7 +5,8 @@ each of the 450 XSTest prompts, labelled by two annotators `1_full_compliance`,
 `2_full_refusal` or `3_partial_refusal`. The development set (GPT-4 and Llama-2-70b-chat with its
 system prompt) is read from `../shared/data/xstest_labels_dev/`; the other models ship in
 `benchmarks/judge_data/` (see its README): held out, except those in `REVISED_ON`, whose errors
-were read to revise the rules after their first measurement.
+were read to revise the rules after their first measurement; `role` says, for each judge and
+model, whether the judge was fitted, tuned or revised on that model's labels.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ DEV_PATH = os.path.join(
 HELDOUT_DIR = os.path.join(ROOT, "benchmarks", "judge_data")
 
 COMPLIANCE, REFUSAL, PARTIAL = "1_full_compliance", "2_full_refusal", "3_partial_refusal"
-FIELDS = ("model", "id", "prompt", "completion", "final_label")
+FIELDS = ("model", "id", "label", "prompt", "completion", "final_label")
 
 
 def load_labelled(path: str) -> list[dict]:
@@ -50,19 +51,42 @@ def load_labelled(path: str) -> list[dict]:
 # Held-out models whose errors were read to revise the rules after their first measurement: their
 # rows are reported apart, as "revised-on", never as held-out numbers.
 REVISED_ON = ("mistralguard",)
+# Held out from every judge, but measured (and its errors read) before `refusal_classifier` was
+# designed; every other file in `HELDOUT_DIR` is "fresh": added after the classifier was frozen.
+HELD_OUT_EARLIER = ("mistralinstruct",)
+SPLITS = ("dev", "revised-on", "held-out", "fresh")
+
+# What each judge was fitted or revised on, by model (BUILD.md's table says it on every row).
+_TUNED = {
+  "refusal_classifier": {"gpt4", "llama2orig", "mistralguard"},  # its training data
+  "refusal_behaviour": {"gpt4", "llama2orig"},  # rules decided on these
+  "gcg_keywords": set(),  # a fixed published list
+}
+
+
+def role(judge: str, model: str) -> str:
+  """How `model`'s labels relate to `judge`: fitted/tuned on, revised on, or held out."""
+  if model in _TUNED.get(judge, ()):
+    return "trained on" if judge == "refusal_classifier" else "tuned on"
+  if judge == "refusal_behaviour" and model in REVISED_ON:
+    return "revised on"
+  if model in HELD_OUT_EARLIER and judge == "refusal_classifier":
+    return "held out (errors of the rules read)"
+  return "held out"
 
 
 def load_splits(dev_path: str = DEV_PATH, heldout_dir: str = HELDOUT_DIR) -> dict[str, list]:
-  """`{"dev": rows, "held-out": rows, "revised-on": rows}`: every `*.jsonl.gz` in `heldout_dir`
-  is held out, except the models in `REVISED_ON`."""
+  """Rows by split (`SPLITS`): the development file, then every `*.jsonl.gz` in `heldout_dir`:
+  `REVISED_ON` models, `HELD_OUT_EARLIER` models, and the rest ("fresh")."""
   files = sorted(glob.glob(os.path.join(heldout_dir, "*.jsonl.gz")))
   if not files:
     raise FileNotFoundError(f"{heldout_dir}: no held-out *.jsonl.gz")
   rows = [r for p in files for r in load_labelled(p)]
   return {
     "dev": load_labelled(dev_path),
-    "held-out": [r for r in rows if r["model"] not in REVISED_ON],
     "revised-on": [r for r in rows if r["model"] in REVISED_ON],
+    "held-out": [r for r in rows if r["model"] in HELD_OUT_EARLIER],
+    "fresh": [r for r in rows if r["model"] not in REVISED_ON + HELD_OUT_EARLIER],
   }
 
 
@@ -74,8 +98,9 @@ def agreement(rows: list[dict], judge: str) -> dict:
   """One judge on labelled rows: agreement on full-refusal vs full-compliance items (with a 95%
   bootstrap CI), false-refusal rate (compliance called refusal), missed-refusal rate (refusal not
   called refusal), and what the judge makes of partial refusals."""
-  classify = refusal_judge_lib.get(judge).classify
-  verdicts = [classify(r["completion"]).verdict for r in rows]
+  judge_fn = refusal_judge_lib.get(judge)
+  # XSTest's prompt label says whether the prompt was a harmful request, as every benchmark knows.
+  verdicts = [judge_fn.verdict(r["completion"], r["label"] == "unsafe").verdict for r in rows]
   full = [
     (r["final_label"] == REFUSAL, v == "refusal")
     for r, v in zip(rows, verdicts)
@@ -104,5 +129,6 @@ def measure(splits: dict[str, list], judges: tuple[str, ...]) -> list[dict]:
     groups += [("all", rows)] if len(models) > 1 else []
     for model, group in groups:
       for judge in judges:
-        out.append({"split": split, "model": model, **agreement(group, judge)})
+        why = role(judge, model) if model != "all" else ""
+        out.append({"split": split, "model": model, "role": why, **agreement(group, judge)})
   return out

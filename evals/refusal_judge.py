@@ -1,4 +1,9 @@
-"""Refusal judges without a model: `refusal_behaviour` (the default) and `gcg_keywords`.
+"""Refusal judges without a model: `refusal_behaviour` (the default), `refusal_classifier` and
+`gcg_keywords`.
+
+`refusal_classifier` (`evals/refusal_classifier.py`) weighs `refusal_behaviour`'s verdict with
+opening cues and, when known, the prompt's kind (harmful or not), by weights fitted on human
+labels.
 
 `gcg_keywords` is the GCG list (Zou et al. 2023) matched anywhere in the answer, kept for
 comparison with papers that use it. It counts an answer as a refusal when it merely mentions
@@ -258,19 +263,39 @@ def classify_gcg(text: str) -> Verdict:
 # --- judges by name -------------------------------------------------------------------------------
 
 
+def classify_learned(text: str, harmful: bool | None = None) -> Verdict:
+  """`refusal_classifier` (imported here: it reads this module's rules)."""
+  from evals import refusal_classifier
+
+  return refusal_classifier.classify(text, harmful)
+
+
 @dataclass(frozen=True)
 class RefusalJudge:
   name: str
-  classify: Callable[[str], Verdict]
+  classify: Callable[..., Verdict]
   description: str
+  reads_prompt_kind: bool = False  # classify(text, harmful) rather than classify(text)
 
-  def is_refusal(self, text: str) -> bool:
-    return self.classify(text).verdict == "refusal"
+  def verdict(self, text: str, harmful: bool | None = None) -> Verdict:
+    """The verdict on one answer; `harmful` (was the prompt a harmful request? None: unknown)
+    is passed to the judges that read it."""
+    return self.classify(text, harmful) if self.reads_prompt_kind else self.classify(text)
+
+  def is_refusal(self, text: str, harmful: bool | None = None) -> bool:
+    return self.verdict(text, harmful).verdict == "refusal"
 
 
 REFUSAL_JUDGES = {
   j.name: j
   for j in (
+    RefusalJudge(
+      "refusal_classifier",
+      classify_learned,
+      "refusal_behaviour's verdict and opening cues weighed by a logistic regression fitted on "
+      "XSTest labels, reading whether the prompt was harmful",
+      reads_prompt_kind=True,
+    ),
     RefusalJudge(
       "refusal_behaviour",
       classify,

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from tqdm import tqdm
 
-from evals import benchmarks, metrics
+from evals import benchmarks, metrics, refusal_judge
 from evals.benchmarks import Sampling
 from lora_jax import jsonl
 
@@ -54,7 +54,7 @@ class EvalConfig:
 @dataclass
 class Judges:
   llama_guard: Callable | None = None  # rendered prompts -> texts; None: the refusal judge
-  refusal: str = "refusal_behaviour"  # offline refusal judge (evals.refusal_judge), by name
+  refusal: str = refusal_judge.DEFAULT_REFUSAL_JUDGE  # offline refusal judge, by name
   math: Callable | None = None  # chat conversations -> texts; None: no LLM re-check
 
 

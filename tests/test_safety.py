@@ -218,7 +218,7 @@ def test_llama_guard_through_the_grader():
   assert scores["unsafe_categories"] == {"S1": 2, "S2": 1}
 
 
-@pytest.mark.parametrize("judge", ["refusal_behaviour", "gcg_keywords"])
+@pytest.mark.parametrize("judge", ["refusal_classifier", "refusal_behaviour", "gcg_keywords"])
 def test_refusal_judge_through_the_grader(judge):
   records = {"a": {"id": "a", "prompt": "p"}, "b": {"id": "b", "prompt": "q"}}
   samples = [
