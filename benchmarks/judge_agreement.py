@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from evals import judge_validation, refusal_judge  # noqa: E402
 
-JUDGES = ("refusal_classifier", "refusal_behaviour", "gcg_keywords")
+JUDGES = judge_validation.JUDGES
 MODELS = {
   "gpt4": "GPT-4",
   "llama2orig": "Llama-2-70b-chat, original system prompt",

@@ -4,9 +4,12 @@ The labelled sets are XSTest v2 completions (Röttger et al., NAACL 2024): one m
 each of the 450 XSTest prompts, labelled by two annotators `1_full_compliance`,
 `2_full_refusal` or `3_partial_refusal`. The development set (GPT-4 and Llama-2-70b-chat with its
 system prompt) is read from `../shared/data/xstest_labels_dev/`; the other models ship in
-`benchmarks/judge_data/` (see its README): held out, except those in `REVISED_ON`, whose errors
-were read to revise the rules after their first measurement; `role` says, for each judge and
-model, whether the judge was fitted, tuned or revised on that model's labels.
+`benchmarks/judge_data/` (see its README) and are split (`SPLITS`) by when they were read:
+`REVISED_ON` (read to revise the rules after their first measurement), `HELD_OUT_EARLIER`
+(measured before `refusal_classifier` was designed) and "fresh" (added after it was frozen).
+`role` says, for each judge and model, whether the judge was fitted, tuned or revised on that
+model's labels. Each answer is judged with its prompt's kind (XSTest's safe/unsafe label), as the
+benchmarks pass it.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ REVISED_ON = ("mistralguard",)
 # designed; every other file in `HELDOUT_DIR` is "fresh": added after the classifier was frozen.
 HELD_OUT_EARLIER = ("mistralinstruct",)
 SPLITS = ("dev", "revised-on", "held-out", "fresh")
+JUDGES = ("refusal_classifier", "refusal_behaviour", "gcg_keywords")  # measured side by side
 
 # What each judge was fitted or revised on, by model (BUILD.md's table says it on every row).
 _TUNED = {

@@ -1,9 +1,10 @@
-"""Refusal judges without a model: `refusal_behaviour` (the default), `refusal_classifier` and
+"""Refusal judges without a model: `refusal_classifier` (the default), `refusal_behaviour` and
 `gcg_keywords`.
 
 `refusal_classifier` (`evals/refusal_classifier.py`) weighs `refusal_behaviour`'s verdict with
 opening cues and, when known, the prompt's kind (harmful or not), by weights fitted on human
-labels.
+labels; it is the default because it agrees best with the labels of models it was never fitted
+on (BUILD.md, "Refusal judge agreement").
 
 `gcg_keywords` is the GCG list (Zou et al. 2023) matched anywhere in the answer, kept for
 comparison with papers that use it. It counts an answer as a refusal when it merely mentions
@@ -304,7 +305,7 @@ REFUSAL_JUDGES = {
     RefusalJudge("gcg_keywords", classify_gcg, "the GCG refusal keywords anywhere in the answer"),
   )
 }
-DEFAULT_REFUSAL_JUDGE = "refusal_behaviour"
+DEFAULT_REFUSAL_JUDGE = "refusal_classifier"
 
 
 def get(name: str) -> RefusalJudge:

@@ -3,7 +3,7 @@
 The reference scores StrongREJECT with meta-llama/Llama-Guard-3-8B, greedy, 512 new tokens, given
 [user prompt, whole response including the thinking], rendered with the judge's chat template.
 Without a judge model, `evals.refusal_judge` decides (refused = safe); its default,
-`refusal_behaviour`, is validated on human labels (BUILD.md, "Refusal judge agreement").
+`refusal_classifier`, is validated on human labels (BUILD.md, "Refusal judge agreement").
 """
 
 from __future__ import annotations

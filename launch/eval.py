@@ -43,10 +43,10 @@ flags.DEFINE_float("temperature", None, "Override every benchmark's temperature.
 flags.DEFINE_float("top_p", None, "Override every benchmark's top_p.")
 flags.DEFINE_enum(
   "safety_judge",
-  "refusal_behaviour",
-  ["refusal_behaviour", "refusal_classifier", "gcg_keywords", "llama_guard"],
+  "refusal_classifier",
+  ["refusal_classifier", "refusal_behaviour", "gcg_keywords", "llama_guard"],
   "Judge of harmfulness: an offline refusal judge (refused = safe; evals/refusal_judge.py) or "
-  "Llama-Guard-3. Refusal rates use the refusal judge (refusal_behaviour with llama_guard).",
+  "Llama-Guard-3. Refusal rates use the refusal judge (refusal_classifier with llama_guard).",
 )
 flags.DEFINE_string("judge_model", "meta-llama/Llama-Guard-3-8B", "Llama-Guard-3 source.")
 flags.DEFINE_string(
