@@ -73,7 +73,7 @@ def run_demo(cfg: RunConfig, workdir: str, max_new_tokens: int = 96) -> dict:
   print(f"PEFT adapter: {adapter}")
 
   evals_dir = os.path.join(workdir, "evals")
-  judges = runner.Judges()  # offline: the refusal_behaviour judge
+  judges = runner.Judges()  # offline: the default refusal judge
   base_fn = runner.model_generate_fn(base, tokenizer)
   runner.evaluate(
     _eval_config(evals_dir, max_new_tokens), "base", base_fn, judges, {"model": source}
