@@ -1,8 +1,8 @@
-"""Evaluation runner: generate (resumable), grade, score; and grade-only for answers from anywhere.
+"""Evaluation runner: generate (resumable), grade, score. (Answers made elsewhere: evals/external.py.)
 
 Layout of one model's results under `out_dir/<label>/`::
 
-    generations/<benchmark>.jsonl       one line per answer, appended as each answer finishes
+    generations/<benchmark>.jsonl       `lora_jax.answers` records, appended as each finishes
     generations/<benchmark>.meta.json   template, sampling and model the answers were made with
     graded/<benchmark>.jsonl            the answers with their grades
     scores.json                         per-benchmark scores with 95% confidence intervals
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from evals import benchmarks, metrics, refusal_judge
 from evals.benchmarks import Sampling
-from lora_jax import jsonl
+from lora_jax import answers, jsonl
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class Judges:
 # --- small file helpers ---------------------------------------------------------------------------
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
@@ -113,7 +113,7 @@ def _check_meta(path: str, meta: dict) -> None:
           f"not {meta[key]!r}; use another --out or delete that directory"
         )
   else:
-    _write_json(path, meta)
+    write_json(path, meta)
 
 
 def _generate_seed(name, seed, todo, prompts, s, path, generate_fn) -> None:
@@ -121,16 +121,16 @@ def _generate_seed(name, seed, todo, prompts, s, path, generate_fn) -> None:
 
   def on_result(r):
     append.write(
-      {
-        "task_id": todo[r.index],
-        "seed": seed,
-        "sample": int(r.sample),
-        "prompt": prompts[r.index][0]["content"],
-        "completion": r.text,
-        "finish_reason": r.finish_reason,
-        "num_prompt_tokens": r.num_prompt_tokens,
-        "num_tokens": len(r.token_ids),
-      }
+      answers.record(
+        todo[r.index],
+        r.text,
+        seed=seed,
+        sample=int(r.sample),
+        prompt=prompts[r.index][0]["content"],
+        finish_reason=r.finish_reason,
+        num_prompt_tokens=r.num_prompt_tokens,
+        num_tokens=len(r.token_ids),
+      )
     )
     bar.update(1)
 
@@ -150,7 +150,8 @@ def generate(
   _check_meta(
     base + ".meta.json", {"template": cfg.template, "sampling": asdict(s), "model": model_info}
   )
-  done = Counter((str(r["task_id"]), int(r["seed"])) for r in jsonl.records(base + ".jsonl"))
+  made = answers.read_answers(base + ".jsonl", missing_ok=True, keep_first=True)
+  done = Counter((a.id, a.seed) for a in made)
   for seed in seeds(cfg, name):
     todo = [t for t in records if done[(t, seed)] < s.n]
     if not todo:
@@ -168,13 +169,19 @@ def generate(
 
 def _samples(path: str, records: dict[str, dict], wanted_seeds) -> list[dict]:
   """The answers to grade: one per (task, seed, sample), for the current tasks and seeds."""
-  seen, out = set(), []
-  for r in jsonl.records(path):
-    key = (str(r["task_id"]), int(r["seed"]), int(r.get("sample", 0)))
-    if key[0] in records and key[1] in wanted_seeds and key not in seen:
-      seen.add(key)
-      out.append({**r, "task_id": key[0]})
-  return out
+  made = answers.read_answers(path, missing_ok=True, keep_first=True)
+  return [answer_sample(a, a.id) for a in made if a.id in records and a.seed in wanted_seeds]
+
+
+def answer_sample(a: answers.Answer, task_id: str) -> dict:
+  """An answer as the graders take it (the graded files keep these fields)."""
+  return {
+    "task_id": task_id,
+    "seed": a.seed,
+    "sample": a.sample,
+    "completion": a.completion,
+    **a.info,
+  }
 
 
 # --- grading and scores ---------------------------------------------------------------------------
@@ -244,7 +251,7 @@ def grade_all(cfg: EvalConfig, label: str, judges: Judges, model_info: dict) -> 
     jsonl.write_atomic(os.path.join(cfg.out_dir, label, "graded", name + ".jsonl"), graded)
     scores["benchmarks"][name] = result
     log.info("%s/%s: %s = %s", label, name, result["primary"], result[result["primary"]])
-  _write_json(scores_path, scores)
+  write_json(scores_path, scores)
   return scores
 
 
@@ -464,64 +471,3 @@ def sampler_judges(
       sampler_generate_fn(math_judge_source, None, dtype, max_batch), 20, chat_template=True
     )
   return Judges(llama_guard=guard, math=math)
-
-
-# --- grade-only -----------------------------------------------------------------------------------
-
-
-def read_generations(path: str, records: dict[str, dict], name: str) -> list[dict]:
-  """Answers made anywhere: JSON lines with `task_id` (or `id`): the problem's id, or its
-  index in the benchmark; `completion`; optional `seed` (default 0) and `sample`."""
-  ids, out, count = list(records), [], Counter()
-  with open(path, encoding="utf-8") as f:
-    lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
-  for i, line in lines:
-    where = f"{path} line {i}"
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{where}: not JSON ({e.msg})") from None
-    tid = row.get("task_id", row.get("id"))
-    if tid is None or not isinstance(row.get("completion"), str):
-      raise ValueError(f"{where}: needs a task_id and a string completion")
-    if str(tid) not in records:
-      if not (str(tid).isdigit() and int(tid) < len(ids)):
-        raise ValueError(f"{where}: task_id {tid!r} is not a {name} id or index")
-      tid = ids[int(tid)]
-    seed = int(row.get("seed", 0))
-    sample = int(row.get("sample", count[(str(tid), seed)]))
-    count[(str(tid), seed)] += 1
-    out.append({**row, "task_id": str(tid), "seed": seed, "sample": sample})
-  if not out:
-    raise ValueError(f"{path}: no answers")
-  return out
-
-
-def grade_only(
-  name: str,
-  generations_path: str,
-  out_path: str,
-  *,
-  data_path: str | None = None,
-  template: str = "reference",
-  judges: Judges | None = None,
-  code_workers: int = 2,
-) -> dict:
-  """Grade a generations file; writes scores to `out_path` and the graded answers beside it
-  (`<out>.graded.jsonl`)."""
-  records = benchmarks.load(name, data_path)
-  samples = read_generations(generations_path, records, name)
-  graded, result = grade_and_score(
-    name, records, samples, template, judges or Judges(), code_workers
-  )
-  stem = out_path[:-5] if out_path.endswith(".json") else out_path
-  jsonl.write_atomic(stem + ".graded.jsonl", graded)
-  scores = {
-    "label": os.path.basename(stem),
-    "step": None,
-    "generations": generations_path,
-    "template": template,
-    "benchmarks": {name: result},
-  }
-  _write_json(out_path, scores)
-  return scores

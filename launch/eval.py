@@ -6,8 +6,11 @@ Generate, grade and score (resumable: a rerun skips the (task, seed) answers alr
         --benchmarks=strongreject,aime24,gpqa_diamond,humaneval_plus,mbpp_plus --seeds=0-7 \\
         --out=DIR [--data_dir=DIR | --data=aime24=path/test.jsonl ...]
 
-Grade only (one JSON object per line: `task_id`, `completion`, optional `seed`)::
+Answers made by another sampler: render the prompts, sample, grade (the answers file may also be
+EvalPlus samples, lm-eval --log_samples output or an OpenAI batch output; see lora_jax/answers.py)::
 
+    python -m launch.eval --benchmark=aime24 --write_prompts=prompts.jsonl --seeds=0-7
+    python -m launch.sample --model=SOURCE --prompts=prompts.jsonl --out=answers.jsonl ...
     python -m launch.eval --benchmark=aime24 --generations=answers.jsonl --out=scores.json
 """
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from evals import benchmarks, runner
+from evals import benchmarks, external, runner
 from launch import common
 
 FLAGS = flags.FLAGS
@@ -57,8 +60,11 @@ flags.DEFINE_string(
 flags.DEFINE_string("dtype", "float32", "Parameter dtype of the evaluated and judge models.")
 flags.DEFINE_integer("max_batch", 8, "Sequences decoded together.")
 flags.DEFINE_integer("code_workers", 2, "Processes running code tests.")
-flags.DEFINE_string("benchmark", None, "Grade-only: the benchmark of --generations.")
+flags.DEFINE_string("benchmark", None, "The benchmark of --generations or --write_prompts.")
 flags.DEFINE_string("generations", None, "Grade-only: JSONL of answers to grade.")
+flags.DEFINE_string(
+  "write_prompts", None, "Write --benchmark's prompts (one row per task and seed) to this JSONL."
+)
 
 
 def _summary(result: dict) -> str:
@@ -83,7 +89,7 @@ def _grade_only() -> None:
   if not (FLAGS.benchmark and FLAGS.generations and FLAGS.out):
     raise ValueError("grade-only needs --benchmark, --generations and --out")
   name = FLAGS.benchmark
-  scores = runner.grade_only(
+  scores = external.grade_only(
     name,
     FLAGS.generations,
     FLAGS.out,
@@ -95,12 +101,21 @@ def _grade_only() -> None:
   print(f"{name}: {_summary(scores['benchmarks'][name])} -> {FLAGS.out}")
 
 
-def _evaluate() -> None:
-  if not FLAGS.out:
-    raise ValueError("--out is required")
-  cfg = runner.EvalConfig(
-    benchmarks=tuple(FLAGS.benchmarks),
-    out_dir=FLAGS.out,
+def _write_prompts() -> None:
+  if not FLAGS.benchmark:
+    raise ValueError("--write_prompts needs --benchmark")
+  n, s = external.write_prompts(_config((FLAGS.benchmark,)), FLAGS.benchmark, FLAGS.write_prompts)
+  stops = "".join(f" --stop={x}" for x in s.stop)
+  print(
+    f"wrote {n} prompts to {FLAGS.write_prompts}; the benchmark samples them with "
+    f"--max_new_tokens={s.max_new_tokens} --temperature={s.temperature} --top_p={s.top_p}{stops}"
+  )
+
+
+def _config(names: tuple[str, ...]) -> runner.EvalConfig:
+  return runner.EvalConfig(
+    benchmarks=names,
+    out_dir=FLAGS.out or "",
     seeds=runner.parse_seeds(FLAGS.seeds, "seeds"),
     safety_seeds=runner.parse_seeds(FLAGS.safety_seeds, "safety_seeds"),
     template=FLAGS.template,
@@ -112,6 +127,12 @@ def _evaluate() -> None:
     top_p=FLAGS.top_p,
     code_workers=FLAGS.code_workers,
   )
+
+
+def _evaluate() -> None:
+  if not FLAGS.out:
+    raise ValueError("--out is required")
+  cfg = _config(tuple(FLAGS.benchmarks))
   models = runner.resolve_models(
     model=FLAGS.model,
     adapter=FLAGS.adapter,
@@ -131,7 +152,9 @@ def _evaluate() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if FLAGS.generations or FLAGS.benchmark:
+  if FLAGS.write_prompts:
+    _write_prompts()
+  elif FLAGS.generations or FLAGS.benchmark:
     _grade_only()
   else:
     _evaluate()

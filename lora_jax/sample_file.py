@@ -3,10 +3,12 @@
     sample_file(SampleJob(model=..., prompts="in.jsonl", out="out.jsonl", n=8, ...))
 
 Prompt rows: {"prompt": "..."} or {"messages": [{"role", "content"}, ...]}, with an optional
-"id" (default: the row number). A rerun skips the (id, sample) answers already in the output
-(`lora_jax.jsonl` handles a line torn by a kill), so a killed run loses only the answers in
-progress; seeds derive from (seed, row number, sample), so a resumed run gives the answers a
-full run would.
+"id" (default: the row number) and "seed" (the benchmark seed the prompt was rendered with, as
+`launch.eval --write_prompts` writes it; default 0). Answers are `lora_jax.answers` records
+(id, seed, sample, completion, ...), which `launch.eval --generations` grades. A rerun skips the
+answers already in the output (`lora_jax.jsonl` handles a line torn by a kill), so a killed run
+loses only the answers in progress; sampling seeds derive from (seed, row number, sample), so a
+resumed run gives the answers a full run would.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from lora_jax import jsonl
+from lora_jax import answers, jsonl
 
 log = logging.getLogger(__name__)
 
@@ -49,48 +51,54 @@ class SampleJob:
       raise ValueError(f"max_batch={self.max_batch!r}: expected a positive integer or 'auto'")
 
 
-def read_prompts(path: str) -> tuple[list[str], list]:
-  """(ids, prompts) of a prompts file; a bad row is a JsonlError naming file and line."""
-  ids, prompts, first = [], [], {}
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+  id: str
+  seed: int  # the benchmark seed it was rendered with (carried into its answers)
+  content: str | list  # text, or chat messages
+
+
+def read_prompts(path: str) -> list[Prompt]:
+  """The rows of a prompts file; a bad row is a JsonlError naming file and line."""
+  out, first = [], {}
   for line, row in jsonl.read(path):
+    bad = lambda reason, line=line: jsonl.bad_line(path, line, reason)
     has_prompt, has_messages = "prompt" in row, "messages" in row
     if has_prompt == has_messages:
-      raise jsonl.bad_line(path, line, "expected an object with 'prompt' or 'messages'")
-    prompt = row["prompt"] if has_prompt else row["messages"]
-    if has_prompt and not isinstance(prompt, str):
-      raise jsonl.bad_line(path, line, "'prompt' must be a string")
+      raise bad("expected an object with 'prompt' or 'messages'")
+    content = row["prompt"] if has_prompt else row["messages"]
+    if has_prompt and not isinstance(content, str):
+      raise bad("'prompt' must be a string")
     if has_messages and not (
-      isinstance(prompt, list)
-      and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in prompt)
+      isinstance(content, list)
+      and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in content)
     ):
-      raise jsonl.bad_line(path, line, "'messages' must be a list of {role, content}")
-    pid = str(row.get("id", len(ids)))
-    if pid in first:
-      raise jsonl.bad_line(path, line, f"id {pid!r} again (first on line {first[pid]})")
-    first[pid] = line
-    ids.append(pid)
-    prompts.append(prompt)
-  if not prompts:
+      raise bad("'messages' must be a list of {role, content}")
+    seed = row.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+      raise bad(f"'seed' must be an integer >= 0, got {seed!r}")
+    key = (str(row.get("id", len(out))), seed)
+    if key in first:
+      raise bad(f"id {key[0]!r} seed {seed} again (first on line {first[key]})")
+    first[key] = line
+    out.append(Prompt(key[0], seed, content))
+  if not out:
     raise ValueError(f"{path}: no prompts")
-  return ids, prompts
+  return out
 
 
-def done_answers(path: str) -> set[tuple[str, int]]:
-  """(id, sample) of the answers already in `path`."""
-  return {(str(r["id"]), int(r["sample"])) for r in jsonl.records(path)}
-
-
-def _record(r, ids: list[str], job: SampleJob) -> dict:
-  return {
-    "id": ids[r.index],
-    "sample": r.sample,
-    "text": r.text,
-    "finish_reason": r.finish_reason,
-    "stop_reason": r.stop_reason,
-    "num_prompt_tokens": r.num_prompt_tokens,
-    "num_tokens": r.num_tokens,
-    "seed": job.seed,
-  }
+def _record(r, prompt: Prompt, job: SampleJob) -> dict:
+  return answers.record(
+    prompt.id,
+    r.text,
+    seed=prompt.seed,
+    sample=r.sample,
+    finish_reason=r.finish_reason,
+    stop_reason=r.stop_reason,
+    num_prompt_tokens=r.num_prompt_tokens,
+    num_tokens=r.num_tokens,
+    sampling_seed=job.seed,
+  )
 
 
 def sample_file(job: SampleJob) -> int:
@@ -100,11 +108,10 @@ def sample_file(job: SampleJob) -> int:
   import lora_jax
   from lora_jax.sampling import generate_text
 
-  ids, prompts = read_prompts(job.prompts)
-  done = done_answers(job.out)
+  prompts = read_prompts(job.prompts)
+  done = {(a.id, a.seed, a.sample) for a in answers.read_answers(job.out, missing_ok=True)}
   _all_hosts_read()  # before process 0 appends: every host must skip the same answers
-  index_of = {pid: i for i, pid in enumerate(ids)}
-  skip = {(index_of[pid], s) for pid, s in done if pid in index_of and s < job.n}
+  skip = {(i, s) for i, p in enumerate(prompts) for s in range(job.n) if (p.id, p.seed, s) in done}
   todo = len(prompts) * job.n - len(skip)
   log.info(
     "%d prompts x %d samples: %d already in %s, %d to generate",
@@ -127,7 +134,7 @@ def sample_file(job: SampleJob) -> int:
     generate_text(
       model,
       tokenizer,
-      prompts,
+      [p.content for p in prompts],
       max_new_tokens=job.max_new_tokens,
       temperature=job.temperature,
       top_p=job.top_p,
@@ -139,7 +146,7 @@ def sample_file(job: SampleJob) -> int:
       stop_token_ids=job.stop_token_ids,
       chat_template=job.chat_template,
       max_batch=job.max_batch,
-      on_result=(lambda r: writer.write(_record(r, ids, job))) if writer else None,
+      on_result=(lambda r: writer.write(_record(r, prompts[r.index], job))) if writer else None,
       max_len=job.max_len,
       max_cache_gb=job.max_cache_gb,
       skip=skip,

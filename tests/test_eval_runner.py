@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 import evals
-from evals import benchmarks, gpqa, runner
+from evals import benchmarks, external, gpqa, runner
 from lora_jax import jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,10 +158,10 @@ def test_resume_skips_finished_samples(tmp_path):
   with pytest.raises(RuntimeError, match="simulated crash"):
     runner.evaluate(cfg, "m", FakeModel(cfg, fail_after=3), runner.Judges())
   path = tmp_path / "out" / "m" / "generations" / "aime24.jsonl"
-  done = [(r["task_id"], r["seed"]) for r in jsonl.records(str(path))]
+  done = [(r["id"], r["seed"]) for r in jsonl.records(str(path))]
   assert len(done) == 3
   with open(path, "a") as f:  # a crash in the middle of writing a line
-    f.write('{"task_id": "63", "seed": 0, "compl')
+    f.write('{"id": "63", "seed": 0, "compl')
 
   again = FakeModel(cfg)
   scores = runner.evaluate(cfg, "m", again, runner.Judges())
@@ -171,7 +171,7 @@ def test_resume_skips_finished_samples(tmp_path):
   for task, seed in done:
     assert (seed, benchmarks.build_prompt("aime24", records[task], seed)) not in asked
   rows = jsonl.records(str(path))
-  assert sorted((r["task_id"], r["seed"]) for r in rows) == sorted(
+  assert sorted((r["id"], r["seed"]) for r in rows) == sorted(
     (t, s) for t in records for s in (0, 1)
   )
   assert scores["benchmarks"]["aime24"]["n_samples"] == 8
@@ -205,7 +205,7 @@ def _aime_answers(path):
 def test_grade_only(tmp_path):
   gens, out = tmp_path / "answers.jsonl", tmp_path / "scores.json"
   records = _aime_answers(gens)
-  scores = runner.grade_only("aime24", str(gens), str(out), data_path=AIME24)
+  scores = external.grade_only("aime24", str(gens), str(out), data_path=AIME24)
   result = scores["benchmarks"]["aime24"]
   assert result["n_samples"] == 4 and result["n_correct"] == 2 and result["n_tasks"] == 3
   assert result["pass@1"]["mean"] == pytest.approx((0.5 + 0 + 1) / 3)
@@ -220,7 +220,7 @@ def test_grade_only(tmp_path):
     asked.extend(c[-1]["content"] for c in conversations)
     return ["True"]
 
-  scores = runner.grade_only(
+  scores = external.grade_only(
     "aime24", str(gens), str(out), data_path=AIME24, judges=runner.Judges(math=judge)
   )
   result = scores["benchmarks"]["aime24"]
@@ -251,8 +251,133 @@ def test_grade_only_cli(tmp_path):
   done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert done.returncode != 0
   assert done.stderr.strip().splitlines()[-1] == (
-    f"error: {gens} line 5: task_id 'nope' is not a aime24 id or index"
+    f"error: {gens}:5: id 'nope' is not a aime24 task id or index (0..29)"
   )
+
+
+def _write(path, rows):
+  path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+  return str(path)
+
+
+def _batch_line(custom_id, *texts):
+  choices = [
+    {"index": i, "message": {"role": "assistant", "content": t}} for i, t in enumerate(texts)
+  ]
+  body = {"object": "chat.completion", "choices": choices}
+  return {
+    "id": "batch_req_1",
+    "custom_id": custom_id,
+    "response": {"status_code": 200, "body": body},
+    "error": None,
+  }
+
+
+def _lm_eval_line(doc_id, doc, resps, filt):
+  return {
+    "doc_id": doc_id,
+    "doc": doc,
+    "target": "x",
+    "arguments": {"gen_args_0": {"arg_0": "prompt", "arg_1": {}}},
+    "resps": [resps],
+    "filtered_resps": [resps[0][-3:]],
+    "filter": filt,
+    "metrics": ["exact_match"],
+    "doc_hash": "h",
+  }
+
+
+def test_grade_only_reads_evalplus_lm_eval_and_openai_batch(tmp_path):
+  records = list(benchmarks.load("aime24", AIME24).values())
+  right = lambda i: f"\\boxed{{{records[i]['gold']}}}"
+  evalplus = _write(
+    tmp_path / "evalplus.jsonl",
+    [  # repeated task ids are samples 0, 1
+      {"task_id": records[0]["id"], "solution": right(0)},
+      {"task_id": records[0]["id"], "completion": "no idea"},
+      {"task_id": records[1]["id"], "solution": right(1)},
+    ],
+  )
+  lm_eval = _write(
+    tmp_path / "samples_aime24_2025-01-01T00-00-00.jsonl",
+    [  # one row per filter for a document; two repeats of doc 0; doc 1 by its index
+      _lm_eval_line(0, {"id": records[0]["id"], "problem": "..."}, [right(0), "7"], "strict"),
+      _lm_eval_line(0, {"id": records[0]["id"], "problem": "..."}, [right(0), "7"], "flexible"),
+      _lm_eval_line(1, {"problem": "..."}, [right(1)], "strict"),
+      _lm_eval_line(1, {"problem": "..."}, [right(1)], "flexible"),
+    ],
+  )
+  batch = _write(
+    tmp_path / "batch_output.jsonl",
+    [_batch_line(records[0]["id"], right(0), "0"), _batch_line("2", right(2))],
+  )
+  expected = {evalplus: (3, 2, 2), lm_eval: (3, 2, 2), batch: (3, 2, 2)}
+  for path, (n_samples, n_tasks, n_correct) in expected.items():
+    scores = external.grade_only("aime24", path, str(tmp_path / "s.json"), data_path=AIME24)
+    result = scores["benchmarks"]["aime24"]
+    assert (result["n_samples"], result["n_tasks"], result["n_correct"]) == (
+      n_samples,
+      n_tasks,
+      n_correct,
+    ), path
+  graded = jsonl.records(str(tmp_path / "s.graded.jsonl"))
+  assert [(g["task_id"], g["sample"], g["correct"]) for g in graded] == [
+    (records[0]["id"], 0, True),
+    (records[0]["id"], 1, False),
+    (records[2]["id"], 0, True),
+  ]
+
+
+@pytest.mark.parametrize(
+  "rows, line, message",
+  [
+    (['{"id": "0", "completion": "a"}', '{"id": "1", "compl'], 2, "not JSON"),
+    ([{"completion": "a"}], 1, "no id: expected 'id' or 'task_id'"),
+    ([{"id": "0"}], 1, "no answer: expected 'completion'"),
+    ([{"id": "nope", "completion": "a"}], 1, "id 'nope' is not a aime24 task id or index"),
+    (
+      [{"id": "0", "sample": 0, "completion": "a"}, {"id": "0", "sample": 0, "completion": "b"}],
+      2,
+      "id '0' seed 0 sample 0 again (first on line 1): an answer is graded once",
+    ),
+    (
+      [_batch_line("3", "a"), _batch_line("3", "b")],
+      2,
+      "id '3' seed 0 sample 0 again (first on line 1)",
+    ),
+    (
+      [{"id": "0", "completion": "a"}, {"id": "AIME_ID_0", "completion": "b"}],
+      2,
+      "a second answer to aime24 task 'AIME_ID_0' seed 0 sample 0 (first on line 1)",
+    ),
+    (
+      [_lm_eval_line(0, {}, ["a"], "strict"), _lm_eval_line(0, {}, ["a"], "strict")],
+      2,
+      "doc '0' again (first on line 1): an answer is graded once",
+    ),
+    (
+      [{**_batch_line("0", "a"), "error": {"code": "x", "message": "quota"}}],
+      1,
+      "the request failed",
+    ),
+  ],
+)
+def test_bad_answer_lines_are_reported_by_file_and_line(tmp_path, rows, line, message):
+  first_id = next(iter(benchmarks.load("aime24", AIME24)))
+  rows = [json.dumps(r).replace("AIME_ID_0", first_id) if isinstance(r, dict) else r for r in rows]
+  path = _write(tmp_path / "answers.jsonl", rows)
+  message = message.replace("AIME_ID_0", first_id)
+  with pytest.raises(jsonl.JsonlError) as e:
+    external.grade_only("aime24", path, str(tmp_path / "s.json"), data_path=AIME24)
+  assert str(e.value).startswith(f"{path}:{line}: ") and message in str(e.value), str(e.value)
+  assert not (tmp_path / "s.json").exists()  # nothing graded
+
+
+def test_lm_eval_gpqa_answers_are_refused(tmp_path):
+  row = {"doc_id": 0, "doc": {}, "resps": [["Final Answer: \\boxed{A}"]], "filter": "none"}
+  path = _write(tmp_path / "samples_gpqa.jsonl", [row])
+  with pytest.raises(jsonl.JsonlError, match=r":1: lm-eval's GPQA answers use lm-eval's"):
+    external.grade_only("gpqa_diamond", path, str(tmp_path / "s.json"), data_path=_gpqa(tmp_path))
 
 
 def test_code_benchmarks_delegate(tmp_path, monkeypatch):
@@ -291,7 +416,7 @@ def test_code_benchmarks_delegate(tmp_path, monkeypatch):
       ]
     )
   )
-  scores = runner.grade_only(
+  scores = external.grade_only(
     "humaneval_plus", str(gens), str(tmp_path / "s.json"), data_path="he.jsonl.gz", code_workers=1
   )
   assert seen == {"load": ("humaneval_plus", "he.jsonl.gz"), "grade": ("humaneval_plus", 2, 2, 1)}

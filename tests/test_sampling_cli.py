@@ -119,3 +119,74 @@ def test_chat_with_smollm2(smollm2_gguf):
   tokenizer = lora_jax.load_tokenizer(smollm2_gguf)
   answer = chat(model, tokenizer, "What is the capital of France?", max_new_tokens=24)
   assert "Paris" in answer
+
+
+def _readme_commands(marker: str = "<!-- sample-then-grade -->") -> list[list[str]]:
+  """The shell commands of the README block after `marker`, as argv lists."""
+  import shlex
+
+  text = (REPO / "README.md").read_text()
+  assert marker in text, f"README.md lost its {marker} block"
+  block = text.split(marker, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+  return [shlex.split(cmd) for cmd in block.replace("\\\n", " ").strip().splitlines()]
+
+
+def _tiny_adapter(model_dir, out) -> str:
+  import jax
+  import numpy as np
+
+  import lora_jax
+  from lora_jax.io.peft import save_peft_adapter
+  from lora_jax.lora import LoRAConfig, apply_lora
+
+  model = lora_jax.load_pretrained(str(model_dir))
+  cfg = LoRAConfig(rank=2, targets=("q_proj", "v_proj"))
+  apply_lora(model, cfg, seed=1)
+  b = model.layers.q_proj.lora_b
+  b.set_value(jax.random.normal(jax.random.key(0), b[...].shape) * 0.5)  # not a no-op adapter
+  save_peft_adapter(model, str(out), cfg, str(model_dir))
+  assert np.abs(np.asarray(b[...])).max() > 0
+  return str(out)
+
+
+@pytest.mark.slow
+def test_readme_sample_then_grade_runs_as_written(model_dir, tmp_path):
+  """The README's three commands (write prompts, sample, grade), run in a fresh directory with
+  only the model, adapter and data swapped for tiny local ones and a short answer budget."""
+  bench = tmp_path / "aime_tiny.jsonl"
+  problems = [("t1", "What is 1 + 1?", "2"), ("t2", "What is 3 * 3?", "9")]
+  bench.write_text(
+    "".join(json.dumps({"id": i, "problem": p, "answer": a}) + "\n" for i, p, a in problems)
+  )
+  local = {
+    "launch.eval": [f"--data=aime24={bench}"],
+    "launch.sample": [
+      f"--model={model_dir}",
+      f"--adapter={_tiny_adapter(model_dir, tmp_path / 'adapter')}",
+      "--max_new_tokens=6",
+    ],
+  }
+  commands = _readme_commands()
+  assert [c[:3] for c in commands] == [
+    ["python", "-m", "launch.eval"],
+    ["python", "-m", "launch.sample"],
+    ["python", "-m", "launch.eval"],
+  ]
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+  for cmd in commands:
+    argv = [sys.executable, *cmd[1:], *local[cmd[2]]]  # later flags override earlier ones
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stderr[-3000:]}"
+
+  answers = _rows(tmp_path / "aime24_answers.jsonl")
+  assert sorted((a["id"], a["seed"], a["sample"]) for a in answers) == sorted(
+    (i, s, 0) for i, _, _ in problems for s in range(8)
+  )
+  scores = json.loads((tmp_path / "aime24_scores.json").read_text())
+  result = scores["benchmarks"]["aime24"]
+  assert (result["n_samples"], result["n_tasks"]) == (16, 2)
+  assert sorted(result["per_seed"]) == [str(s) for s in range(8)]
+  graded = _rows(tmp_path / "aime24_scores.graded.jsonl")
+  by_key = {(a["id"], a["seed"], a["sample"]): a["completion"] for a in answers}
+  assert {(g["task_id"], g["seed"], g["sample"]): g["completion"] for g in graded} == by_key
+  assert all(isinstance(g["correct"], bool) for g in graded)
