@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any
 
-# HF model_type -> (family, architecture class name written back on export).
+# HF model_type (our `family`) -> the architecture class name written back on export.
 SUPPORTED = {
   "qwen2": "Qwen2ForCausalLM",
   "qwen3": "Qwen3ForCausalLM",

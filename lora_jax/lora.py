@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lora_jax.model import LINEARS, Decoder
+from lora_jax.model import LINEARS, Decoder, lora_weight_delta
 
 # The reference's target modes, plus "all" for every linear layer.
 TARGET_GROUPS = {
@@ -145,36 +145,14 @@ def adapted(model: Decoder) -> tuple[str, ...]:
   return tuple(n for n in LINEARS if getattr(getattr(model.layers, n), "lora_a", None) is not None)
 
 
-def _delta(lin) -> jax.Array:
-  a, b = lin.lora_a[...].astype(jnp.float32), lin.lora_b[...].astype(jnp.float32)
-  return lin.lora_scale[...][:, None, None] * jnp.einsum("lir,lro->loi", a, b)  # kernel layout
-
-
-def merge(model: Decoder) -> dict:
+def merge(model: Decoder) -> Decoder:
   """W <- W + scale * A B for every adapted module and remove the adapter (PEFT's
-  `merge_and_unload`). Returns the detached adapter, which `unmerge` takes back."""
-  detached = {"dropout": model.lora_dropout, "modules": {}}
+  `merge_and_unload`); in place, returns the model."""
   for name in adapted(model):
     lin = getattr(model.layers, name)
     w = lin.kernel[...]
-    lin.kernel.set_value((w.astype(jnp.float32) + _delta(lin)).astype(w.dtype))
-    detached["modules"][name] = (lin.lora_a, lin.lora_b, lin.lora_scale)
+    delta = lora_weight_delta(lin.lora_a[...], lin.lora_b[...], lin.lora_scale[...])
+    lin.kernel.set_value((w.astype(jnp.float32) + delta).astype(w.dtype))
     del lin.lora_a, lin.lora_b, lin.lora_scale
   model.lora_dropout = 0.0
-  return detached
-
-
-def unmerge(model: Decoder, detached: dict) -> Decoder:
-  """Undo `merge`: W <- W - scale * A B (as PEFT's unmerge) and re-attach the adapter."""
-  for name, (a, b, scale) in detached["modules"].items():
-    lin = getattr(model.layers, name)
-    lin.lora_a, lin.lora_b, lin.lora_scale = a, b, scale
-    w = lin.kernel[...]
-    lin.kernel.set_value((w.astype(jnp.float32) - _delta(lin)).astype(w.dtype))
-  model.lora_dropout = detached["dropout"]
   return model
-
-
-def lora_state(model: Decoder) -> nnx.State:
-  """The adapter-only state (A and B of every adapted module)."""
-  return nnx.state(model, nnx.LoRAParam)

@@ -6,31 +6,44 @@ compile time stays flat from 2 to 64 layers. Linear kernels keep Hugging Face's 
 transposing copy, and XLA contracts either layout at the same speed. Every param carries logical
 axis names (`axes` metadata) that `sharding.RULES` maps onto the mesh.
 
+`decoder_layer` is the one implementation of a layer (attention and MLP). Training scans it over
+the stacked params (`Decoder.hidden`); the sampler (`sampling/forward.py`) runs it once per layer
+with a KV cache. What differs between the two is passed in: `project` computes a dense layer
+(`dense`, with LoRA dropout in training, with the weight-major layout for few rows in decoding)
+and `attend` says where keys and values come from and go to (this call's own tokens here, a
+per-layer cache in the sampler).
+
 The module knows nothing of files, training or sampling: it takes token ids, a padding mask or
-positions, optional segment ids (packing) and an optional KV cache, and returns logits.
+positions and optional segment ids (packing), and returns logits.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lora_jax.config import ModelConfig
 from lora_jax.sharding import constrain
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_MASK_VALUE = -0.7 * float(
-  jnp.finfo(jnp.float32).max
-)  # finite: fully-masked (pad) rows stay NaN-free
+# Finite, so that a query with no key to attend to (a pad row) stays NaN-free.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _REMAT_POLICIES = {
   "none": None,
   "full": jax.checkpoint_policies.nothing_saveable,
   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+# project(x, params of one linear module, module name) -> x @ W (+ bias, + LoRA)
+Project = Callable[[jax.Array, dict, str], jax.Array]
+# attend(q [B, T, K, G, hd], k [B, T, K, hd], v) -> (attention output like q, keys/values kept)
+Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
 
 class Linear(nnx.Module):
@@ -120,47 +133,50 @@ class Decoder(nnx.Module):
 
   # ---- public entry points -------------------------------------------------------------------
   def __call__(
-    self,
-    input_ids,
-    attention_mask=None,
-    positions=None,
-    segment_ids=None,
-    cache=None,
-    dropout_rng=None,
+    self, input_ids, attention_mask=None, positions=None, segment_ids=None, dropout_rng=None
   ):
-    """Logits [B, T, V] (float32). With `cache`, returns (logits, new_cache)."""
-    hidden, new_cache, _ = self.hidden(
-      input_ids, attention_mask, positions, segment_ids, cache, dropout_rng
+    """Logits [B, T, V] (float32)."""
+    return self.logits(self.hidden(input_ids, attention_mask, positions, segment_ids, dropout_rng))
+
+  def hidden(
+    self, input_ids, attention_mask=None, positions=None, segment_ids=None, dropout_rng=None
+  ):
+    """Final normed hidden states [B, T, D]. attention_mask [B, T] (1 = real token) defaults to
+    all ones, positions to the count of real tokens before each one, segment_ids (packing: a
+    token sees earlier tokens of its own segment only) to one segment per row. With
+    `dropout_rng`, LoRA dropout is applied."""
+    final, _ = self._run_layers(
+      input_ids, attention_mask, positions, segment_ids, dropout_rng, collect=False
     )
-    logits = self.logits(hidden)
-    return (logits, new_cache) if cache is not None else logits
+    return final
 
   def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
     """Per-layer hidden states like HF's output_hidden_states: L + 1 arrays, the last normed."""
-    final, _, per_layer = self.hidden(
-      input_ids, attention_mask, positions, segment_ids, collect=True
+    final, per_layer = self._run_layers(
+      input_ids, attention_mask, positions, segment_ids, None, collect=True
     )
-    return [per_layer[i] for i in range(per_layer.shape[0] - 1)] + [final]
+    return [per_layer[i] for i in range(per_layer.shape[0])] + [final]
 
-  def logits(self, hidden):
-    head = self.embed[...] if self.lm_head is None else self.lm_head[...]
-    out = jnp.einsum(
-      "btd,vd->btv", hidden, head.astype(self.dtype), preferred_element_type=jnp.float32
-    )
+  def logits(self, hidden, *, weight_major: bool = False):
+    """float32 logits [B, T, V] of hidden states [B, T, D] (see `dense` for `weight_major`)."""
+    head = (self.embed[...] if self.lm_head is None else self.lm_head[...]).astype(self.dtype)
+    if weight_major:
+      out = matmul_weight_major(hidden, head, jnp.float32)
+    else:
+      out = jnp.einsum("btd,vd->btv", hidden, head, preferred_element_type=jnp.float32)
     return constrain(out, self.mesh, ("batch", "seq", "act_vocab"))
 
-  def hidden(
-    self,
-    input_ids,
-    attention_mask=None,
-    positions=None,
-    segment_ids=None,
-    cache=None,
-    dropout_rng=None,
-    collect=False,
-  ):
-    """Final normed hidden states [B, T, D], the updated cache, and (if collect) every layer's
-    input stacked [L + 1, B, T, D] (embeddings first, last layer's output last)."""
+  def embed_tokens(self, input_ids):
+    """Token embeddings [B, T, D] in the compute dtype."""
+    x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
+    return constrain(x, self.mesh, ("batch", "seq", "act_embed"))
+
+  def final_normed(self, x):
+    return rms_norm(x, self.final_norm[...], self.config.rms_norm_eps)
+
+  # ---- the layer scan --------------------------------------------------------------------------
+  def _run_layers(self, input_ids, attention_mask, positions, segment_ids, dropout_rng, collect):
+    """The final normed hidden states, and (if collect) every layer's input [L, B, T, D]."""
     cfg = self.config
     input_ids = jnp.asarray(input_ids)
     B, T = input_ids.shape
@@ -171,35 +187,96 @@ class Decoder(nnx.Module):
     )
     if positions is None:
       positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-      if cache is not None:  # continue after what the cache already holds
-        positions = positions + _cache_next_position(cache)[:, None]
     positions = jnp.asarray(positions, jnp.int32)
     if segment_ids is None:
       segment_ids = jnp.ones((B, T), jnp.int32)
     segment_ids = jnp.where(mask, segment_ids, 0)  # pad tokens get segment 0
 
-    x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
-    x = constrain(x, self.mesh, ("batch", "seq", "act_embed"))
-    cos, sin = rope_tables(cfg, positions)
+    rope = rope_tables(cfg, positions)
+    allowed = _allowed(positions, segment_ids)
+    attend = lambda q, k, v: (attention(q, k, v, allowed), None)
+    dropout = self.lora_dropout
 
-    layer_params = nnx.to_pure_dict(nnx.state(self.layers))
-    step = _make_layer_step(
-      self, mask, positions, segment_ids, cos, sin, cache, dropout_rng, collect
-    )
+    def step(x, xs):
+      p, layer = xs
+      rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, layer)
+      project = lambda h, params, name: dense(
+        h,
+        params,
+        self.dtype,
+        dropout_rng=None if rng is None else jax.random.fold_in(rng, LINEARS.index(name)),
+        dropout=dropout,
+      )
+      out, _ = decoder_layer(cfg, self.mesh, p, x, rope, project, attend)
+      return out, (x if collect else None)
+
     if self.remat != "none":
       step = jax.checkpoint(step, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
-    carry = (x,) if cache is None else (x, cache["k"], cache["v"])
-    carry, per_layer = jax.lax.scan(step, carry, (layer_params, jnp.arange(cfg.num_layers)))
-    x = carry[0]
-    new_cache = None
-    if cache is not None:
-      new_cache = _advance_cache(cache, carry[1], carry[2], mask, positions)
-    if collect:
-      per_layer = jnp.concatenate([per_layer, x[None]], axis=0)
-    return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), new_cache, per_layer
+    layer_params = nnx.to_pure_dict(nnx.state(self.layers))
+    x, per_layer = jax.lax.scan(
+      step, self.embed_tokens(input_ids), (layer_params, jnp.arange(cfg.num_layers))
+    )
+    return self.final_normed(x), per_layer
+
+
+def _allowed(positions, segment_ids):
+  """[B, T, T]: a query sees keys of its own (non-pad) segment at positions <= its own."""
+  same = segment_ids[:, None, :] == segment_ids[:, :, None]
+  return same & (segment_ids[:, None, :] > 0) & (positions[:, None, :] <= positions[:, :, None])
+
+
+# ---- the decoder layer -------------------------------------------------------------------------
+def decoder_layer(cfg: ModelConfig, mesh, p: dict, x, rope, project: Project, attend: Attend):
+  """One pre-norm decoder layer: x [B, T, D] -> (x [B, T, D], what `attend` kept). p holds one
+  layer's params; rope is (cos, sin) for x's positions (`rope_tables`)."""
+  B, T, _ = x.shape
+  K, G, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+  eps = cfg.rms_norm_eps
+  proj = lambda h, name: project(h, p[name], name)
+
+  h = rms_norm(x, p["attn_norm"], eps)
+  q = proj(h, "q_proj").reshape(B, T, K * G, hd)
+  k = proj(h, "k_proj").reshape(B, T, K, hd)
+  v = proj(h, "v_proj").reshape(B, T, K, hd)
+  if cfg.qk_norm:
+    q = rms_norm(q, p["q_norm"], eps)
+    k = rms_norm(k, p["k_norm"], eps)
+  cos, sin = rope
+  q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+  q = constrain(q, mesh, ("batch", "seq", "act_heads", None))
+  attn, kept = attend(q.reshape(B, T, K, G, hd), k, v)
+  attn = constrain(attn.reshape(B, T, K * G * hd), mesh, ("batch", "seq", "act_heads"))
+  x = x + proj(attn, "o_proj")
+  x = constrain(x, mesh, ("batch", "seq", "act_embed"))
+
+  h = rms_norm(x, p["mlp_norm"], eps)
+  act = jax.nn.silu(proj(h, "gate_proj")) * proj(h, "up_proj")
+  act = constrain(act, mesh, ("batch", "seq", "act_mlp"))
+  x = x + proj(act, "down_proj")
+  return constrain(x, mesh, ("batch", "seq", "act_embed")), kept
+
+
+def attention(q, k, v, allowed):
+  """Grouped-query attention. q [B,T,K,G,hd], k/v [B,S,K,hd], allowed [B,T,S] -> [B,T,K,G,hd].
+
+  Heads go to a leading batch axis so both products are plain batched matmuls (the 5-D einsum
+  form ran at half the speed on CPU)."""
+  B, T, K, G, H = q.shape
+  S = k.shape[1]
+  qh = q.transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, H)
+  kh = k.transpose(0, 2, 1, 3).reshape(B * K, S, H)
+  vh = v.transpose(0, 2, 1, 3).reshape(B * K, S, H)
+  scores = jnp.einsum("nqh,nsh->nqs", qh, kh, preferred_element_type=jnp.float32)
+  scores = scores.reshape(B, K, G, T, S) * (1.0 / math.sqrt(H))
+  scores = jnp.where(allowed[:, None, None, :, :], scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(B * K, G * T, S)
+  out = jnp.einsum("nqs,nsh->nqh", probs, vh).reshape(B, K, G, T, H)
+  return out.transpose(0, 3, 1, 2, 4)
 
 
 # ---- building blocks ---------------------------------------------------------------------------
+
+
 def rms_norm(x, weight, eps):
   """HF's RMSNorm exactly: normalise in float32, cast back, then scale."""
   xf = x.astype(jnp.float32)
@@ -241,19 +318,46 @@ def apply_rope(x, cos, sin):
   return out.astype(x.dtype)
 
 
-def dense(x, p: dict, dtype, scale_rng=None, dropout: float = 0.0):
-  """x @ kernel.T (+ bias) (+ LoRA: scale * dropout(x) @ A @ B)."""
-  y = linear(x, p["kernel"].astype(dtype))
+def dense(x, p: dict, dtype, *, weight_major=False, dropout_rng=None, dropout: float = 0.0):
+  """x @ kernel.T (+ bias) (+ LoRA: scale * dropout(x) @ A @ B). p: one layer's params of one
+  linear module (kernel [out, in], optional bias, lora_a [in, r], lora_b [r, out], lora_scale).
+
+  weight_major: compute the product as W @ x^T. With few rows (decoding) XLA:CPU's gemm is 2-3x
+  faster when the weight is the dot's left operand (its rows streamed once) than the other way
+  round; an optimization barrier stops XLA from swapping the operands back when the small result
+  is transposed. Many rows (training, prefill) use the token-major form, which has the custom
+  backward of `linear`."""
+  w = p["kernel"].astype(dtype)
+  y = matmul_weight_major(x, w) if weight_major else linear(x, w)
   if p.get("bias") is not None:
     y = y + p["bias"].astype(dtype)
   if "lora_a" in p:
     xa = x
-    if dropout > 0.0 and scale_rng is not None:
-      keep = jax.random.bernoulli(scale_rng, 1.0 - dropout, x.shape)
+    if dropout > 0.0 and dropout_rng is not None:
+      keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout, x.shape)
       xa = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
     delta = lora_delta(xa, p["lora_a"].astype(dtype), p["lora_b"].astype(dtype))
     y = y + (p["lora_scale"] * delta).astype(y.dtype)
   return y
+
+
+def matmul_weight_major(x, w, preferred_element_type=None):
+  """x [B, T, in] @ w [out, in].T computed as w @ x^T (see `dense`)."""
+  y = jnp.einsum("fd,btd->fbt", w, x, preferred_element_type=preferred_element_type)
+  return jnp.transpose(jax.lax.optimization_barrier(y), (1, 2, 0))
+
+
+def lora_weight_delta(a, b, scale):
+  """The LoRA update of a kernel, scale * (A @ B) in kernel layout [..., out, in], in float32:
+  what merging adds to W (PEFT's `get_delta_weight`). a [..., in, r], b [..., r, out], scale [...]
+  (per layer). numpy in, numpy out (the export merges on the host); jax arrays are multiplied at
+  full float32 precision (TPU/GPU default precision would round them to bfloat16/tf32)."""
+  at, bt = a.astype(np.float32).swapaxes(-1, -2), b.astype(np.float32).swapaxes(-1, -2)
+  if isinstance(a, np.ndarray):
+    product = np.matmul(bt, at)
+  else:
+    product = jnp.matmul(bt, at, precision=jax.lax.Precision.HIGHEST)
+  return scale.astype(np.float32)[..., None, None] * product
 
 
 @jax.custom_vjp
@@ -307,119 +411,3 @@ lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 def _tokens(x):
   """[..., d] -> [tokens, d]."""
   return x.reshape(-1, x.shape[-1])
-
-
-def _make_layer_step(
-  model: Decoder, mask, positions, segment_ids, cos, sin, cache, dropout_rng, collect
-):
-  cfg, mesh, dtype = model.config, model.mesh, model.dtype
-  B, T = mask.shape
-  K, G, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-  dropout = model.lora_dropout
-  if cache is None:
-    key_pos, key_seg = positions, segment_ids
-  else:
-    # new tokens go to slots end[b] + t; the cache's key positions are updated before the scan.
-    slots = cache["end"][:, None] + jnp.arange(T)[None, :]
-    batch_idx = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-    key_pos = _advance_cache(cache, None, None, mask, positions)["pos"]
-    key_seg = (key_pos >= 0).astype(jnp.int32)
-  # [B, T, S]: a query sees keys of its own segment at positions <= its own.
-  allowed = (
-    (key_seg[:, None, :] == segment_ids[:, :, None])
-    & (key_seg[:, None, :] > 0)
-    & (key_pos[:, None, :] <= positions[:, :, None])
-  )
-
-  def step(carry, xs):
-    p, layer = xs
-    x = carry[0]
-    rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, layer)
-    proj = lambda h, name, i: dense(
-      h, p[name], dtype, None if rng is None else jax.random.fold_in(rng, i), dropout
-    )
-
-    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    q = proj(h, "q_proj", 0).reshape(B, T, K * G, hd)
-    k = proj(h, "k_proj", 1).reshape(B, T, K, hd)
-    v = proj(h, "v_proj", 2).reshape(B, T, K, hd)
-    if cfg.qk_norm:
-      q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
-      k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    q = constrain(q, mesh, ("batch", "seq", "act_heads", None))
-    if cache is None:
-      keys, values = k, v
-      new_carry_cache = ()
-    else:
-      ck = carry[1].at[layer, batch_idx, slots].set(k.astype(carry[1].dtype))
-      cv = carry[2].at[layer, batch_idx, slots].set(v.astype(carry[2].dtype))
-      keys, values = ck[layer].astype(dtype), cv[layer].astype(dtype)
-      new_carry_cache = (ck, cv)
-    attn = attention(q.reshape(B, T, K, G, hd), keys, values, allowed)
-    attn = constrain(attn.reshape(B, T, K * G * hd), mesh, ("batch", "seq", "act_heads"))
-    x = x + proj(attn, "o_proj", 3)
-    x = constrain(x, mesh, ("batch", "seq", "act_embed"))
-
-    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    gate = proj(h, "gate_proj", 4)
-    up = proj(h, "up_proj", 5)
-    act = constrain(jax.nn.silu(gate) * up, mesh, ("batch", "seq", "act_mlp"))
-    x = x + proj(act, "down_proj", 6)
-    x = constrain(x, mesh, ("batch", "seq", "act_embed"))
-    return (x,) + new_carry_cache, (carry[0] if collect else None)
-
-  return step
-
-
-def attention(q, k, v, allowed):
-  """Grouped-query attention. q [B,T,K,G,hd], k/v [B,S,K,hd], allowed [B,T,S] -> [B,T,K,G,hd].
-
-  Heads go to a leading batch axis so both products are plain batched matmuls (the 5-D einsum
-  form ran at half the speed on CPU)."""
-  B, T, K, G, H = q.shape
-  S = k.shape[1]
-  qh = q.transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, H)
-  kh = k.transpose(0, 2, 1, 3).reshape(B * K, S, H)
-  vh = v.transpose(0, 2, 1, 3).reshape(B * K, S, H)
-  scores = jnp.einsum("nqh,nsh->nqs", qh, kh, preferred_element_type=jnp.float32)
-  scores = scores.reshape(B, K, G, T, S) * (1.0 / math.sqrt(H))
-  scores = jnp.where(allowed[:, None, None, :, :], scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(B * K, G * T, S)
-  out = jnp.einsum("nqs,nsh->nqh", probs, vh).reshape(B, K, G, T, H)
-  return out.transpose(0, 3, 1, 2, 4)
-
-
-# ---- KV cache ----------------------------------------------------------------------------------
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-  """An empty cache: k/v [L, B, S, K, hd]; pos [B, S] is each slot's token position (-1 empty);
-  end [B] is the next free slot of each row."""
-  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  return {
-    "k": jnp.zeros(shape, dtype),
-    "v": jnp.zeros(shape, dtype),
-    "pos": jnp.full((batch, max_len), -1, jnp.int32),
-    "end": jnp.zeros((batch,), jnp.int32),
-  }
-
-
-def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> int:
-  return 2 * cfg.num_layers * batch * max_len * cfg.kv_dim * jnp.dtype(dtype).itemsize
-
-
-def _cache_next_position(cache):
-  return jnp.max(cache["pos"], axis=1) + 1
-
-
-def _advance_cache(cache, k, v, mask, positions):
-  """The cache after writing T new tokens at slots end..end+T (pad tokens get position -1)."""
-  B, T = mask.shape
-  slots = cache["end"][:, None] + jnp.arange(T)[None, :]
-  batch_idx = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-  pos = cache["pos"].at[batch_idx, slots].set(jnp.where(mask, positions, -1))
-  return {
-    "k": k if k is not None else cache["k"],
-    "v": v if v is not None else cache["v"],
-    "pos": pos,
-    "end": cache["end"] + T,
-  }

@@ -142,17 +142,3 @@ def constrain(x: jax.Array, mesh: Mesh | None, axes: Sequence[str | None]) -> ja
   if mesh is None or mesh.size == 1:
     return x
   return jax.lax.with_sharding_constraint(x, named_sharding(mesh, axes, x.shape))
-
-
-def tree_shardings(abstract_state, mesh: Mesh):
-  """NamedShardings for an nnx State whose Variables carry `axes` metadata."""
-  from flax import nnx  # local import keeps this module usable without flax in launch scripts
-
-  def one(v):
-    axes = v.get_metadata().get("axes")
-    shape = v.shape if hasattr(v, "shape") else v[...].shape
-    if axes is None:
-      axes = (None,) * len(shape)
-    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
-
-  return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -52,7 +52,7 @@ class TrainResult:
 def token_loss(model, batch, dropout_rng, loss_chunk: int = 0):
   """(sum of completion-token NLL, number of completion tokens). Token t is predicted from t-1;
   loss_mask already excludes prompts, padding and segment starts."""
-  hidden, _, _ = model.hidden(
+  hidden = model.hidden(
     batch["input_ids"],
     batch["attention_mask"],
     batch["positions"],

@@ -186,3 +186,39 @@ def test_peft_adapter_round_trip_and_merged_export(run_dir, tmp_path):
   ).eval()
   with torch.no_grad():
     assert np.abs(merged(torch.tensor(ids)).logits.numpy() - ours).max() < 1e-5
+
+
+def test_merge_formula_and_adapter_names_equal_peft(run_dir):
+  """`lora_weight_delta` (used by merge and by the merged export) is PEFT's `get_delta_weight`,
+  on numpy and on jax arrays; PEFT's tensor names are the ones `io/mapping.py` writes and reads."""
+  from peft import get_peft_model_state_dict
+
+  from lora_jax.io.mapping import parse_peft_key, peft_key
+  from lora_jax.model import lora_weight_delta
+
+  model = _ours(run_dir, MODULES, layers=(1, 2))
+  pm = _peft_model(run_dir, MODULES, layers=[1, 2])
+  _copy_adapter(model, pm, [1, 2])
+  for name in MODULES:
+    lin = getattr(model.layers, name)
+    a, b, scale = lin.lora_a[...], lin.lora_b[...], lin.lora_scale[...]
+    from_numpy = lora_weight_delta(np.asarray(a), np.asarray(b), np.asarray(scale))
+    from_jax = np.asarray(lora_weight_delta(a, b, scale))
+    assert isinstance(from_numpy, np.ndarray) and from_numpy.shape == lin.kernel.shape
+    assert not from_numpy[0].any()  # layer 0 is outside the range: scale 0
+    for layer in (1, 2):
+      theirs = _peft_module(pm, layer, name).get_delta_weight("default").detach().numpy()
+      np.testing.assert_allclose(from_numpy[layer], theirs, atol=1e-6)
+      np.testing.assert_allclose(from_jax[layer], theirs, atol=1e-6)
+  peft_names = set(get_peft_model_state_dict(pm))
+  ours = {peft_key(n, layer, part) for n in MODULES for layer in (1, 2) for part in "AB"}
+  assert ours == peft_names
+  assert {parse_peft_key(k) for k in peft_names} == {
+    (n, layer, part) for n in MODULES for layer in (1, 2) for part in "AB"
+  }
+  assert parse_peft_key("base_model.model.model.layers.3.mlp.up_proj.lora_A.default.weight") == (
+    "up_proj",
+    3,
+    "A",
+  )
+  assert parse_peft_key("base_model.model.model.layers.3.mlp.up_proj.weight") is None

@@ -408,7 +408,7 @@ def test_cache_that_does_not_fit_is_refused_or_shrunk(tmp_path):
   import jax
   from flax import nnx
 
-  from lora_jax.model import cache_bytes
+  from lora_jax.sampling.memory import cache_bytes
 
   hf, model = _load(tmp_path, "qwen2")
   per_row = cache_bytes(model.config, 1, 1024, "float32")

@@ -9,7 +9,7 @@ Select a model and a mode with the config string, in the reference's own mode na
 
 from configs import base
 
-MODELS = {  # size -> (hub id, layers, devices the default mesh spreads over)
+MODELS = {  # size -> (hub id, number of decoder layers)
   "1.5b": ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 28),
   "7b": ("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 28),
   "14b": ("deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", 48),

@@ -1,4 +1,5 @@
-"""PEFT adapter directories: `adapter_config.json` + `adapter_model.safetensors`, PEFT key names.
+"""PEFT adapter directories: `adapter_config.json` + `adapter_model.safetensors`, PEFT key names
+(`io/mapping.py`).
 
 An adapter written here loads with `peft.PeftModel.from_pretrained` (and serves with vLLM's LoRA
 support); one written by PEFT loads here, unmerged. PEFT stores lora_A as [r, in] and lora_B as
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -18,23 +18,9 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from lora_jax import lora as lora_lib
+from lora_jax.io.mapping import parse_peft_key, peft_key
 from lora_jax.io.save import to_host
 from lora_jax.io.sources import CheckpointError
-
-_PREFIX = "base_model.model.model.layers"
-_PARENT = {
-  "q_proj": "self_attn",
-  "k_proj": "self_attn",
-  "v_proj": "self_attn",
-  "o_proj": "self_attn",
-  "gate_proj": "mlp",
-  "up_proj": "mlp",
-  "down_proj": "mlp",
-}
-_KEY = re.compile(
-  rf"^{re.escape(_PREFIX)}\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?"
-  r"\.weight$"
-)
 
 
 def _adapted_layers(lin) -> list[int]:
@@ -54,9 +40,8 @@ def save_peft_adapter(
     a, b = to_host(lin.lora_a).astype(np.float32), to_host(lin.lora_b).astype(np.float32)
     layers = _adapted_layers(lin)
     for i in layers:
-      key = f"{_PREFIX}.{i}.{_PARENT[name]}.{name}"
-      tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
-      tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
+      tensors[peft_key(name, i, "A")] = np.ascontiguousarray(a[i].T)
+      tensors[peft_key(name, i, "B")] = np.ascontiguousarray(b[i].T)
   num_layers = model.config.num_layers
   config = {
     "peft_type": "LORA",
@@ -121,10 +106,10 @@ def load_peft_adapter(model, adapter_dir: str):
   weights = load_file(path)
   per_module: dict[str, dict[int, dict[str, np.ndarray]]] = {}
   for key, value in weights.items():
-    m = _KEY.match(key)
-    if not m:
+    parsed = parse_peft_key(key)
+    if parsed is None:
       raise CheckpointError(f"{path}: unexpected adapter tensor {key}")
-    layer, _, name, ab = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+    name, layer, ab = parsed
     per_module.setdefault(name, {}).setdefault(layer, {})[ab] = value
   lora_lib.apply_lora(model, cfg)
   L = model.config.num_layers

@@ -15,7 +15,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from lora_jax.io.mapping import entries
-from lora_jax.model import Decoder
+from lora_jax.model import Decoder, lora_weight_delta
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
@@ -106,10 +106,6 @@ def _merged(model: Decoder, path: str) -> np.ndarray:
     obj = getattr(obj, part)
   w = to_host(getattr(obj, leaf))
   if leaf == "kernel" and getattr(obj, "lora_a", None) is not None:
-    a = to_host(obj.lora_a).astype(np.float32)
-    b = to_host(obj.lora_b).astype(np.float32)
-    scale = to_host(obj.lora_scale).astype(np.float32)
-    w = (w.astype(np.float32) + scale[:, None, None] * np.einsum("lir,lro->loi", a, b)).astype(
-      w.dtype
-    )
+    delta = lora_weight_delta(to_host(obj.lora_a), to_host(obj.lora_b), to_host(obj.lora_scale))
+    w = (w.astype(np.float32) + delta).astype(w.dtype)
   return w

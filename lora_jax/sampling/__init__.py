@@ -10,13 +10,12 @@ from lora_jax.sampling.generate import generate
 from lora_jax.sampling.memory import SamplingError
 from lora_jax.sampling.processors import choose, keep_threshold
 from lora_jax.sampling.stops import StopStrings
-from lora_jax.sampling.text import Result, chat, encode_prompts, generate_text
+from lora_jax.sampling.text import chat, encode_prompts, generate_text
 
 __all__ = [
   "Completion",
   "Engine",
   "Request",
-  "Result",
   "SamplingError",
   "StopStrings",
   "bucket",

@@ -1,16 +1,17 @@
-"""Continuous-batching generation over a KV cache: jit-compiled prefill and multi-step decode.
+"""Continuous-batching generation over a KV cache: the host loop around the compiled steps.
 
-The cache has `batch` rows; each row holds one answer in progress. The host loop:
-  1. refill: waiting requests are prefilled (right-padded to a length bucket, one compile per
-     bucket; samples of one prompt share one prefill) and inserted into free rows, whose first
-     token is sampled on the spot;
+The cache has `batch` rows; each row holds one answer in progress. `Engine.run` repeats:
+  1. admit: waiting requests go into free rows. Their prompts are prefilled (right-padded to a
+     length bucket, one compile per bucket; samples of one prompt share one prefill), inserted
+     into the rows, and each row's first token is sampled on the spot;
   2. decode: one jitted `while_loop` runs up to `steps` tokens for every row without returning to
      Python, and stops early once a row finishes while requests are waiting, so a finished row is
      refilled at once instead of idling until the batch's longest answer ends;
   3. finished answers (stop token, stop string, or length) are yielded and their rows freed.
 The cache's length follows the longest live row in buckets (grown and shrunk between rounds), so
 attention reads the live part of the cache, not max_len. Host state per row is a few numbers,
-sent with every round; only the cache is carried (donated) from call to call.
+sent with every round; only the cache is carried (donated) from call to call. The compiled steps
+are in `steps.py`.
 """
 
 from __future__ import annotations
@@ -23,19 +24,21 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lora_jax.model import Decoder
-from lora_jax.sampling.forward import cache_sharding, forward, layer_params, logits, new_cache
+from lora_jax.sampling import steps as compiled
+from lora_jax.sampling.forward import layer_params
 from lora_jax.sampling.memory import SamplingError, plan_batch
-from lora_jax.sampling.processors import choose
 from lora_jax.sampling.stops import StopStrings
 
 log = logging.getLogger(__name__)
+CACHE_LENGTH_STEP = 64  # cache lengths are buckets of this size (and at least this)
+PROMPT_BUCKET_MIN = 16  # prompts are padded to buckets starting at this length
+MIN_PREFILL_CHUNK = 64  # long prompts are prefilled in chunks, never shorter than this
 _PREFILL_SCORES_BYTES = 256 << 20  # prefill attention scores per chunk; longer prompts are chunked
 _LOG_EVERY_S = 30.0
 
@@ -58,15 +61,22 @@ class Request:
 
 @dataclasses.dataclass
 class Completion:
-  index: int
-  sample: int
+  """A finished answer. `text` is set by `generate_text` (the engine works on token ids)."""
+
+  index: int  # prompt index
+  sample: int  # 0..n-1
   token_ids: list[int]  # the answer, including the stop token or the token completing a stop string
   finish_reason: str  # "stop" | "length"
   num_prompt_tokens: int
   stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+  text: str | None = None  # the answer's text, without the stop token or stop string
+
+  @property
+  def num_tokens(self) -> int:
+    return len(self.token_ids)
 
 
-def bucket(n: int, lo: int = 16) -> int:
+def bucket(n: int, lo: int = PROMPT_BUCKET_MIN) -> int:
   """Smallest of lo * {1, 1.5, 2, 3, 4, 6, ...} (powers of two and their 1.5x) >= n: few
   compilations, at most 50% padding."""
   size = lo
@@ -105,24 +115,36 @@ class Engine:
     self.mesh = model.mesh
     self.max_len = int(max_len)
     self.steps = int(steps)
-    self.graphdef, self.state = nnx.split(model)
-    self.cap_max = -(-self.max_len // 64) * 64  # the cache never grows past this
+    self.graphdef, self.model_state = nnx.split(model)
+    # the cache never grows past max_len rounded up to a whole step
+    self.max_cache_len = -(-self.max_len // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP
+    self.batch, self.layers = self._plan(max_batch, unstack, max_cache_gb, want_batch or 256)
+    ids = sorted(set(int(t) for t in stop_token_ids))
+    self.stop_ids = np.full((max(1, _pow2(len(ids))),), -1, np.int32)  # padded with -1
+    self.stop_ids[: len(ids)] = ids
+    self._stop_set = set(ids)
+    self.cache = None
+    self.stats = collections.Counter()
+
+  def _plan(self, max_batch, unstack, max_cache_gb, want):
+    """(cache rows, layer params): unstacked per-layer copies where they fit (and are asked for
+    or, by default, on CPU), else the stacked params."""
     plan = functools.partial(
       plan_batch,
       self.cfg,
       max_batch,
-      self.cap_max,
-      model.dtype,
+      self.max_cache_len,
+      self.model.dtype,
       mesh=self.mesh,
       max_cache_gb=max_cache_gb,
-      want=want_batch or 256,
+      want=want,
     )
-    stacked = nnx.to_pure_dict(nnx.state(model.layers))
+    stacked = nnx.to_pure_dict(nnx.state(self.model.layers))
     copies = sum(s.data.nbytes for a in jax.tree.leaves(stacked) for s in a.addressable_shards)
     auto = unstack is None
     unstack = jax.devices()[0].platform == "cpu" if auto else unstack
     try:
-      self.batch = plan(extra_bytes=copies if unstack else 0)
+      batch = plan(extra_bytes=copies if unstack else 0)
     except SamplingError:
       if not (auto and unstack):
         raise
@@ -132,183 +154,200 @@ class Engine:
         copies / (1 << 30),
       )
       unstack = False
-      self.batch = plan(extra_bytes=0)
-    self.layers = layer_params(model, unstack)
-    ids = sorted(set(int(t) for t in stop_token_ids))
-    self.stop_ids = np.full((max(1, _pow2(len(ids))),), -1, np.int32)
-    self.stop_ids[: len(ids)] = ids
-    self._stop_set = set(ids)
-    self.cache = None
-    self.stats = collections.Counter()
+      batch = plan(extra_bytes=0)
+    return batch, layer_params(self.model, unstack)
 
   # ---- public ----------------------------------------------------------------------------------
   def run(self, requests: Iterable[Request]) -> Iterator[Completion]:
     """Yields each answer as it finishes (not in request order)."""
     queue = collections.deque(requests)
     for r in queue:
-      if len(r.prompt) == 0:
-        raise SamplingError(f"prompt {r.index} is empty")
-      if len(r.prompt) >= self.max_len:
-        raise SamplingError(
-          f"prompt {r.index} has {len(r.prompt)} tokens but the cache holds "
-          f"{self.max_len} per sequence (max_len); raise max_len or shorten it"
-        )
-      if not all(0 <= t < self.cfg.vocab_size for t in r.prompt):
-        bad = next(t for t in r.prompt if not 0 <= t < self.cfg.vocab_size)
-        raise SamplingError(
-          f"prompt {r.index} has token id {bad}, outside the vocabulary "
-          f"(0..{self.cfg.vocab_size - 1})"
-        )
-    B = self.batch
-    self._rows: list[_Row | None] = [None] * B
-    self._host = _HostState(B)
+      self._check(r)
+    self._answers: list[_Answer | None] = [None] * self.batch
+    self._rows = _RowNumbers(self.batch)
     if self.cache is None:
-      self.cache = self._commit(_new_cache(self.graphdef, self.state, B, 64))
-    t0 = last_log = time.perf_counter()
-    while queue or any(self._rows):
-      free = [b for b in range(B) if self._rows[b] is None]
+      self.cache = self._commit(
+        compiled.empty_cache(self.graphdef, self.model_state, self.batch, CACHE_LENGTH_STEP)
+      )
+    start = last_log = time.perf_counter()
+    while queue or any(self._answers):
+      free = [b for b in range(self.batch) if self._answers[b] is None]
       if queue and free:
-        yield from self._refill(free, queue)
-      if not any(self._rows):
+        yield from self._admit(free, queue)
+      if not any(self._answers):
         continue
-      yield from self._decode_round(exit_on_finish=bool(queue))
+      yield from self._decode(exit_on_finish=bool(queue))
       if time.perf_counter() - last_log > _LOG_EVERY_S and jax.process_index() == 0:
         last_log = time.perf_counter()
         log.info(
           "sampling: %d answers done, %d waiting, %d in progress; %.1f tokens/s",
           self.stats["answers"],
           len(queue),
-          sum(r is not None for r in self._rows),
-          self.stats["decode_tokens"] / max(1e-9, last_log - t0),
+          sum(a is not None for a in self._answers),
+          self.stats["decode_tokens"] / max(1e-9, last_log - start),
         )
 
-  # ---- refill ----------------------------------------------------------------------------------
-  def _refill(self, free: list[int], queue) -> Iterator[Completion]:
-    take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
-    groups: dict[int, list[Request]] = collections.defaultdict(list)
-    for r in take:
-      groups[bucket(len(r.prompt))].append(r)
+  def _check(self, r: Request) -> None:
+    if len(r.prompt) == 0:
+      raise SamplingError(f"prompt {r.index} is empty")
+    if len(r.prompt) >= self.max_len:
+      raise SamplingError(
+        f"prompt {r.index} has {len(r.prompt)} tokens but the cache holds "
+        f"{self.max_len} per sequence (max_len); raise max_len or shorten it"
+      )
+    bad = next((t for t in r.prompt if not 0 <= t < self.cfg.vocab_size), None)
+    if bad is not None:
+      raise SamplingError(
+        f"prompt {r.index} has token id {bad}, outside the vocabulary "
+        f"(0..{self.cfg.vocab_size - 1})"
+      )
+
+  # ---- admit: prefill, insert, first token -----------------------------------------------------
+  def _admit(self, free: list[int], queue) -> Iterator[Completion]:
+    """Move waiting requests into free rows, grouped by prompt length bucket."""
+    taken = [queue.popleft() for _ in range(min(len(free), len(queue)))]
+    by_length: dict[int, list[Request]] = collections.defaultdict(list)
+    for r in taken:
+      by_length[bucket(len(r.prompt))].append(r)
     rows = iter(free)
-    for tb, reqs in sorted(groups.items()):
-      yield from self._prefill_group(tb, reqs, [next(rows) for _ in reqs])
+    for padded_len, reqs in sorted(by_length.items()):
+      yield from self._admit_group(padded_len, reqs, [next(rows) for _ in reqs])
 
-  def _prefill_group(self, tb: int, reqs: list[Request], rows: list[int]):
-    unique: dict[tuple, int] = {}
-    src = [unique.setdefault(tuple(r.prompt), len(unique)) for r in reqs]
-    prompts = list(unique)
-    nu = _pow2(len(prompts))
-    ids = np.zeros((nu, tb), np.int32)
-    lens = np.ones((nu,), np.int32)
-    for i, p in enumerate(prompts):
-      ids[i, : len(p)] = p
-      lens[i] = len(p)
-    heads = self.cfg.num_heads
-    chunk = tb
-    while chunk % 2 == 0 and chunk > 64 and nu * heads * chunk * tb * 4 > _PREFILL_SCORES_BYTES:
-      chunk //= 2
-    tmp, logits = _prefill(
-      self.graphdef, self.state, self.layers, self._put(ids), self._put(lens), chunk=chunk
-    )
-    self.stats["prefill_tokens"] += int(lens[: len(prompts)].sum())
-    self.stats["prefill_calls"] += 1
-
-    self._ensure_cache(max(tb, self._needed()))
-    m = _pow2(len(reqs))
-    row_arr = np.full((m,), self.batch, np.int32)  # padding rows point past the cache: dropped
-    src_arr = np.zeros((m,), np.int32)
-    row_arr[: len(rows)], src_arr[: len(rows)] = rows, src
-    h = self._host
+  def _admit_group(self, padded_len: int, reqs: list[Request], rows: list[int]):
+    prompt_cache, prompt_logits, sources = self._prefill(padded_len, reqs)
+    self._ensure_cache(max(padded_len, self._needed()))
+    # padded to a power of two (fewer compilations); padding rows point past the cache: dropped
+    slots = _pow2(len(reqs))
+    row_arr = np.full((slots,), self.batch, np.int32)
+    source_arr = np.zeros((slots,), np.int32)
+    row_arr[: len(rows)], source_arr[: len(rows)] = rows, sources
+    numbers = self._rows
     for r, b in zip(reqs, rows):
-      h.admit(b, r, min(r.max_new_tokens, self.max_len - len(r.prompt)))
-    self.cache = _insert(self.mesh, self.cache, tmp, self._put(row_arr), self._put(src_arr))
-    first = np.asarray(
-      _first_tokens(
-        self.mesh,
-        logits,
-        self._put(src_arr),
-        self._put(h.key[np.minimum(row_arr, self.batch - 1)]),
-        self._put(h.sampling(row_arr)),
-        greedy=all(r.temperature <= 0 for r in reqs),
-      )
+      numbers.assign(b, r, min(r.max_new_tokens, self.max_len - len(r.prompt)))
+    self.cache = compiled.insert(
+      self.mesh, self.cache, prompt_cache, self._put(row_arr), self._put(source_arr)
     )
-    for r, b, tok in zip(reqs, rows, first):
-      self._rows[b] = _Row(r)
-      h.tok[b], h.pos[b], h.gen[b], h.active[b] = tok, len(r.prompt), 1, True
-      done = self._accept(
-        b, [int(tok)], device_active=not (int(tok) in self._stop_set or h.max_new[b] <= 1)
+    first = compiled.first_tokens(
+      self.mesh,
+      prompt_logits,
+      self._put(source_arr),
+      self._put(numbers.key[np.minimum(row_arr, self.batch - 1)]),
+      self._put(numbers.sampling(row_arr)),
+      greedy=all(r.temperature <= 0 for r in reqs),
+    )
+    for r, b, tok in zip(reqs, rows, np.asarray(first)):
+      self._answers[b] = _Answer(r)
+      numbers.tok[b], numbers.pos[b], numbers.gen[b], numbers.active[b] = (
+        tok,
+        len(r.prompt),
+        1,
+        True,
       )
+      running = not (int(tok) in self._stop_set or numbers.max_new[b] <= 1)
+      done = self._accept(b, [int(tok)], still_running=running)
       if done is not None:
         yield done
 
-  # ---- decode ----------------------------------------------------------------------------------
-  def _decode_round(self, exit_on_finish: bool) -> list[Completion]:
-    h = self._host
-    self._ensure_cache(self._needed(), shrink=True)
-    state = self._put(h.device_state())
-    greedy = not np.any(h.temperature[h.active] > 0)
-    self.cache, out, n = _decode(
+  def _prefill(self, padded_len: int, reqs: list[Request]):
+    """The prompts' own cache and last logits; `sources[i]` is request i's prompt among them."""
+    unique: dict[tuple, int] = {}
+    sources = [unique.setdefault(tuple(r.prompt), len(unique)) for r in reqs]
+    prompts = list(unique)
+    num_rows = _pow2(len(prompts))
+    ids = np.zeros((num_rows, padded_len), np.int32)
+    lengths = np.ones((num_rows,), np.int32)
+    for i, p in enumerate(prompts):
+      ids[i, : len(p)] = p
+      lengths[i] = len(p)
+    chunk = padded_len
+    scores_bytes = lambda c: num_rows * self.cfg.num_heads * c * padded_len * 4
+    while (
+      chunk % 2 == 0 and chunk > MIN_PREFILL_CHUNK and scores_bytes(chunk) > _PREFILL_SCORES_BYTES
+    ):
+      chunk //= 2
+    prompt_cache, prompt_logits = compiled.prefill(
       self.graphdef,
-      self.state,
+      self.model_state,
+      self.layers,
+      self._put(ids),
+      self._put(lengths),
+      chunk=chunk,
+    )
+    self.stats["prefill_tokens"] += int(lengths[: len(prompts)].sum())
+    self.stats["prefill_calls"] += 1
+    return prompt_cache, prompt_logits, sources
+
+  # ---- decode ----------------------------------------------------------------------------------
+  def _decode(self, exit_on_finish: bool) -> list[Completion]:
+    """One round of up to `steps` tokens for every live row; returns the answers it finished."""
+    numbers = self._rows
+    self._ensure_cache(self._needed(), shrink=True)
+    greedy = not np.any(numbers.temperature[numbers.active] > 0)
+    self.cache, out, steps_run = compiled.decode(
+      self.graphdef,
+      self.model_state,
       self.layers,
       self.cache,
-      state,
+      self._put(numbers.device_inputs()),
       self._put(self.stop_ids),
       self._put(np.bool_(exit_on_finish)),
       steps=self.steps,
       greedy=bool(greedy),
     )
-    out, n = np.asarray(out), int(n)
-    done = []
-    for b, row in enumerate(self._rows):
-      if row is None or not h.active[b]:
+    out, steps_run = np.asarray(out), int(steps_run)
+    finished = []
+    for b, answer in enumerate(self._answers):
+      if answer is None or not numbers.active[b]:
         continue
-      toks = out[b, :n]
+      toks = out[b, :steps_run]
       toks = [int(t) for t in toks[toks >= 0]]
-      h.tok[b], h.pos[b], h.gen[b] = toks[-1], h.pos[b] + len(toks), h.gen[b] + len(toks)
-      finished = toks[-1] in self._stop_set or h.gen[b] >= h.max_new[b]
+      numbers.tok[b] = toks[-1]
+      numbers.pos[b] += len(toks)
+      numbers.gen[b] += len(toks)
+      running = not (toks[-1] in self._stop_set or numbers.gen[b] >= numbers.max_new[b])
       self.stats["decode_tokens"] += len(toks)
-      c = self._accept(b, toks, device_active=not finished)
-      if c is not None:
-        done.append(c)
-    self.stats["decode_steps"] += n
+      done = self._accept(b, toks, still_running=running)
+      if done is not None:
+        finished.append(done)
+    self.stats["decode_steps"] += steps_run
     self.stats["decode_rounds"] += 1
-    return done
+    return finished
 
-  def _accept(self, b: int, toks: list[int], device_active: bool) -> Completion | None:
-    """Append a row's new tokens; finish it on a stop token, stop string or its length."""
-    row, h = self._rows[b], self._host
-    row.ids.extend(toks)
+  def _accept(self, b: int, toks: list[int], still_running: bool) -> Completion | None:
+    """Append a row's new tokens; finish it on a stop token, stop string or its length.
+    still_running: the device keeps decoding the row (no stop token, length not reached)."""
+    answer = self._answers[b]
+    answer.ids.extend(toks)
     reason, stop = None, None
-    if row.req.stops is not None:
-      cut = row.req.stops.extend(toks)
+    if answer.req.stops is not None:
+      cut = answer.req.stops.extend(toks)
       if cut is not None:
-        del row.ids[cut:]
-        reason, stop = "stop", row.req.stops.match
-    if reason is None and not device_active:
-      last = row.ids[-1]
+        del answer.ids[cut:]
+        reason, stop = "stop", answer.req.stops.match
+    if reason is None and not still_running:
+      last = answer.ids[-1]
       reason, stop = ("stop", last) if last in self._stop_set else ("length", None)
     if reason is None:
       return None
-    self._rows[b] = None
-    h.active[b] = False
+    self._answers[b] = None
+    self._rows.active[b] = False
     self.stats["answers"] += 1
-    r = row.req
-    return Completion(r.index, r.sample, row.ids, reason, len(r.prompt), stop)
+    r = answer.req
+    return Completion(r.index, r.sample, answer.ids, reason, len(r.prompt), stop)
 
   # ---- cache sizing ----------------------------------------------------------------------------
   def _needed(self) -> int:
     """Slots the next round may write: up to `steps` more tokens for each live row."""
-    h = self._host
-    live = [b for b in range(self.batch) if self._rows[b] is not None and h.active[b]]
-    return max(
-      [min(h.pos[b] + self.steps, h.prompt_len[b] + h.max_new[b] - 1) + 1 for b in live], default=1
-    )
+    n = self._rows
+    live = [b for b in range(self.batch) if self._answers[b] is not None and n.active[b]]
+    last_slot = lambda b: min(n.pos[b] + self.steps, n.prompt_len[b] + n.max_new[b] - 1)
+    return max([last_slot(b) + 1 for b in live], default=1)
 
   def _ensure_cache(self, needed: int, shrink: bool = False) -> None:
-    size = min(bucket(needed, 64), self.cap_max)
+    size = min(bucket(needed, CACHE_LENGTH_STEP), self.max_cache_len)
     current = self.cache[0][0].shape[1]
     if size > current or (shrink and size * 2 <= current):
-      self.cache = self._commit(_resize(self.mesh, self.cache, size))
+      self.cache = self._commit(compiled.resize(self.mesh, self.cache, size))
       self.stats["resizes"] += 1
 
   def _commit(self, cache):
@@ -316,7 +355,7 @@ class Engine:
     the same input placement on every call (an uncommitted first cache would compile twice)."""
     if self.mesh is not None:
       return cache
-    return jax.device_put(cache, jax.tree.leaves(self.state)[0].sharding)
+    return jax.device_put(cache, jax.tree.leaves(self.model_state)[0].sharding)
 
   def _put(self, tree):
     """Host numbers onto the devices, replicated (every process passes the same values)."""
@@ -327,47 +366,45 @@ class Engine:
 
 
 @dataclasses.dataclass
-class _Row:
+class _Answer:
+  """An answer in progress: its request and its tokens so far."""
+
   req: Request
   ids: list[int] = dataclasses.field(default_factory=list)
 
 
-class _HostState:
+class _RowNumbers:
   """Per-row numbers the device needs, kept on the host and sent with each round."""
 
-  def __init__(self, B: int):
-    self.tok = np.zeros(B, np.int32)  # last sampled token (not yet in the cache)
-    self.pos = np.zeros(B, np.int32)  # its position (= its cache slot)
-    self.gen = np.zeros(B, np.int32)  # tokens generated so far
-    self.max_new = np.ones(B, np.int32)
-    self.prompt_len = np.zeros(B, np.int32)
-    self.active = np.zeros(B, bool)
-    self.temperature = np.zeros(B, np.float32)
-    self.top_k = np.zeros(B, np.int32)
-    self.top_p = np.ones(B, np.float32)
-    self.min_p = np.zeros(B, np.float32)
-    self.key = np.zeros((B,) + _key_shape(), np.uint32)
+  def __init__(self, batch: int):
+    self.tok = np.zeros(batch, np.int32)  # last sampled token (not yet in the cache)
+    self.pos = np.zeros(batch, np.int32)  # its position (= its cache slot)
+    self.gen = np.zeros(batch, np.int32)  # tokens generated so far
+    self.max_new = np.ones(batch, np.int32)
+    self.prompt_len = np.zeros(batch, np.int32)
+    self.active = np.zeros(batch, bool)
+    self.temperature = np.zeros(batch, np.float32)
+    self.top_p = np.ones(batch, np.float32)
+    self.top_k = np.zeros(batch, np.int32)
+    self.min_p = np.zeros(batch, np.float32)
+    self.key = np.zeros((batch,) + compiled.key_shape(), np.uint32)
 
-  def admit(self, b: int, r: Request, max_new: int) -> None:
+  def assign(self, b: int, r: Request, max_new: int) -> None:
+    """Row b now generates request r (at most `max_new` tokens)."""
     self.max_new[b], self.prompt_len[b] = max_new, len(r.prompt)
-    self.temperature[b], self.top_k[b], self.top_p[b], self.min_p[b] = (
+    self.temperature[b], self.top_p[b], self.top_k[b], self.min_p[b] = (
       r.temperature,
-      r.top_k,
       r.top_p,
+      r.top_k,
       r.min_p,
     )
-    self.key[b] = request_key(r.seed, r.index, r.sample)
+    self.key[b] = compiled.request_key(r.seed, r.index, r.sample)
 
   def sampling(self, rows) -> dict:
     rows = np.minimum(rows, len(self.tok) - 1)
-    return {
-      "temperature": self.temperature[rows],
-      "top_k": self.top_k[rows],
-      "top_p": self.top_p[rows],
-      "min_p": self.min_p[rows],
-    }
+    return {name: getattr(self, name)[rows] for name in compiled.SAMPLING_FIELDS}
 
-  def device_state(self) -> dict:
+  def device_inputs(self) -> dict:
     return {
       "tok": self.tok,
       "pos": self.pos,
@@ -377,136 +414,3 @@ class _HostState:
       "key": self.key,
       **self.sampling(np.arange(len(self.tok))),
     }
-
-
-@functools.cache
-def _key_shape() -> tuple[int, ...]:
-  return jax.random.key_data(jax.random.key(0)).shape
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def request_key(seed: int, index: int, sample: int) -> np.ndarray:
-  """The key of answer (index, sample) under `seed`: independent of batching and order."""
-  return np.asarray(_request_key(np.uint32(seed), np.int32(index), np.int32(sample)))
-
-
-@jax.jit
-def _request_key(seed, index, sample):
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), index), sample)
-  return jax.random.key_data(key)
-
-
-def _token_keys(key_data, gen):
-  """Per-row key for the row's token number `gen`."""
-  return jax.vmap(lambda k, g: jax.random.fold_in(jax.random.wrap_key_data(k), g))(key_data, gen)
-
-
-def _replicated(x, mesh):
-  if mesh is None:
-    return x
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P()))
-
-
-# ---- compiled functions --------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("graphdef", "batch", "length"))
-def _new_cache(graphdef, state, batch, length):
-  return new_cache(nnx.merge(graphdef, state), batch, length)
-
-
-@functools.partial(jax.jit, static_argnames=("mesh", "length"))
-def _resize(mesh, cache, length):
-  def one(c):
-    cur = c.shape[1]
-    c = jnp.pad(c, ((0, 0), (0, length - cur), (0, 0), (0, 0))) if length > cur else c[:, :length]
-    return c if mesh is None else jax.lax.with_sharding_constraint(c, cache_sharding(mesh, c.shape))
-
-  return jax.tree.map(one, cache)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk"))
-def _prefill(graphdef, state, layers, ids, lens, *, chunk):
-  """Right-padded prompts [n, T] -> their own cache [n, T] and the logits after each prompt."""
-  m = nnx.merge(graphdef, state)
-  n, T = ids.shape
-  cache = new_cache(m, n, T)
-  rows = jnp.arange(n)
-
-  def run(c, carry):
-    cache, last = carry
-    start = c * chunk
-    piece = jax.lax.dynamic_slice_in_dim(ids, start, chunk, axis=1)
-    positions = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (n, chunk))
-    hidden, cache = forward(m, layers, piece, positions, cache)
-    at = lens - 1 - start  # where each prompt's last token is in this chunk
-    here = (at >= 0) & (at < chunk)
-    last = jnp.where(here[:, None], hidden[rows, jnp.clip(at, 0, chunk - 1)], last)
-    return cache, last
-
-  last = jnp.zeros((n, m.config.hidden_size), m.dtype)
-  if T == chunk:
-    cache, last = run(0, (cache, last))
-  else:
-    cache, last = jax.lax.fori_loop(0, T // chunk, run, (cache, last))
-  return cache, logits(m, last[:, None])[:, 0]
-
-
-@functools.partial(jax.jit, static_argnames=("mesh",), donate_argnames=("cache",))
-def _insert(mesh, cache, tmp, rows, src):
-  """Copy prefilled prompts `tmp[src]` into cache rows `rows` (rows past the cache are dropped)."""
-  T = min(tmp[0][0].shape[1], cache[0][0].shape[1])  # a bucket may pass max_len; prompts do not
-
-  def put(c, t):
-    c = c.at[rows, :T].set(t[src, :T].astype(c.dtype), mode="drop")
-    return c if mesh is None else jax.lax.with_sharding_constraint(c, cache_sharding(mesh, c.shape))
-
-  return jax.tree.map(put, cache, tmp)
-
-
-def _pick(logits, keys, sampling, greedy: bool):
-  """`choose`, or only its argmax when every row is greedy (much less to compile)."""
-  if greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return choose(logits, keys, **sampling)
-
-
-@functools.partial(jax.jit, static_argnames=("mesh", "greedy"))
-def _first_tokens(mesh, logits, src, keys, sampling, *, greedy):
-  """Each new row's first token (token number 0 of its key), from its prompt's logits."""
-  keys = _token_keys(keys, jnp.zeros_like(src))
-  return _replicated(_pick(logits[src], keys, sampling, greedy), mesh)
-
-
-@functools.partial(
-  jax.jit, static_argnames=("graphdef", "steps", "greedy"), donate_argnames=("cache",)
-)
-def _decode(graphdef, state, layers, cache, st, stop_ids, exit_on_finish, *, steps, greedy):
-  """Up to `steps` tokens for every active row. Returns the cache, the new tokens [B, steps]
-  (-1 where a row produced none) and the number of steps run."""
-  m = nnx.merge(graphdef, state)
-  B = st["tok"].shape[0]
-  sampling = {k: st[k] for k in ("temperature", "top_k", "top_p", "min_p")}
-
-  def cond(c):
-    i, _, s, _, any_done = c
-    return (i < steps) & jnp.any(s["active"]) & ~(exit_on_finish & any_done)
-
-  def body(c):
-    i, cache, s, out, any_done = c
-    hidden, cache = forward(m, layers, s["tok"][:, None], s["pos"][:, None], cache)
-    tok = _pick(logits(m, hidden)[:, 0], _token_keys(s["key"], s["gen"]), sampling, greedy)
-    act = s["active"]
-    out = out.at[:, i].set(jnp.where(act, tok, -1))
-    gen = s["gen"] + act
-    done = act & (jnp.any(tok[:, None] == stop_ids[None, :], -1) | (gen >= s["max_new"]))
-    s = {
-      **s,
-      "tok": jnp.where(act, tok, s["tok"]),
-      "pos": s["pos"] + act,
-      "gen": gen,
-      "active": act & ~done,
-    }
-    return i + 1, cache, s, out, any_done | jnp.any(done)
-
-  init = (jnp.int32(0), cache, st, jnp.full((B, steps), -1, jnp.int32), jnp.bool_(False))
-  n, cache, _, out, _ = jax.lax.while_loop(cond, body, init)
-  return cache, _replicated(out, m.mesh), _replicated(n, m.mesh)

@@ -13,22 +13,27 @@ def requests_for(
   prompt_ids: Sequence[Sequence[int]],
   max_new_tokens: int,
   *,
+  temperature: float = 0.0,
+  top_p: float = 1.0,
+  top_k: int = 0,
+  min_p: float = 0.0,
+  seed: int = 0,
   n: int = 1,
   skip=frozenset(),
   stops_for=None,
-  **sampling,
 ) -> list[Request]:
   """n requests per prompt, prompt-major; (index, sample) pairs in `skip` are left out.
   stops_for(): a fresh StopStrings tracker per request (or None)."""
-  check_sampling(max_new_tokens=max_new_tokens, n=n, **sampling)
+  sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+  check_sampling(max_new_tokens=max_new_tokens, **sampling, n=n)
   return [
     Request(
       list(map(int, p)),
       max_new_tokens,
       index=i,
       sample=s,
-      stops=stops_for() if stops_for else None,
       **sampling,
+      stops=stops_for() if stops_for else None,
     )
     for i, p in enumerate(prompt_ids)
     for s in range(n)
@@ -36,7 +41,7 @@ def requests_for(
   ]
 
 
-def check_sampling(*, max_new_tokens, n, temperature, top_p, top_k, min_p, seed) -> None:
+def check_sampling(*, max_new_tokens, temperature, top_p, top_k, min_p, seed, n) -> None:
   bad = [
     (max_new_tokens >= 1, f"max_new_tokens={max_new_tokens}; expected >= 1"),
     (n >= 1, f"n={n}; expected >= 1"),
@@ -86,29 +91,31 @@ def generate(
   model: Decoder,
   prompt_ids: Sequence[Sequence[int]],
   max_new_tokens: int,
+  *,
   temperature: float = 0.0,
   top_p: float = 1.0,
   top_k: int = 0,
-  seed: int = 0,
-  stop_token_ids: Iterable[int] = (),
-  n: int = 1,
-  *,
   min_p: float = 0.0,
+  seed: int = 0,
+  n: int = 1,
+  stop_token_ids: Iterable[int] = (),
   max_batch: int | str = 8,
   max_len: int | None = None,
   max_cache_gb: float | None = None,
 ) -> list[list[int]]:
   """The new token ids of each answer (ending with the stop token when one ended it), prompt-major
-  for n > 1: [p0 s0, p0 s1, ..., p1 s0, ...]. Stops at the model's eos ids and `stop_token_ids`."""
+  for n > 1: [p0 s0, p0 s1, ..., p1 s0, ...]. Stops at the model's eos ids and `stop_token_ids`.
+  Sampling: temperature (0 = greedy), then top_p, top_k (0 = off) and min_p filters; seed and
+  the answer's (prompt index, sample) fix its randomness, whatever the batch."""
   reqs = requests_for(
     prompt_ids,
     max_new_tokens,
-    n=n,
     temperature=temperature,
     top_p=top_p,
     top_k=top_k,
     min_p=min_p,
     seed=seed,
+    n=n,
   )
   out = {
     (c.index, c.sample): c.token_ids

@@ -14,7 +14,6 @@ import jax
 import numpy as np
 
 from lora_jax.config import ModelConfig
-from lora_jax.model import cache_bytes
 from lora_jax.sampling.forward import CACHE_AXES
 from lora_jax.sharding import logical_to_spec
 
@@ -39,6 +38,11 @@ def budget(mesh, max_cache_gb: float | None) -> tuple[float, str]:
   import psutil  # CPU devices (real or fake) share the host's RAM
 
   return psutil.virtual_memory().available, "available host RAM"
+
+
+def cache_bytes(cfg: ModelConfig, batch: int, length: int, dtype) -> int:
+  """Bytes of a KV cache: keys and values of every layer for batch x length tokens."""
+  return 2 * cfg.num_layers * batch * length * cfg.kv_dim * np.dtype(dtype).itemsize
 
 
 def physical_cache_bytes(cfg: ModelConfig, batch: int, length: int, dtype, mesh=None) -> int:

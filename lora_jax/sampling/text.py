@@ -12,24 +12,10 @@ import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 
 from lora_jax.model import Decoder
+from lora_jax.sampling.engine import Completion
 from lora_jax.sampling.generate import requests_for, run
 from lora_jax.sampling.memory import SamplingError
 from lora_jax.sampling.stops import StopStrings, truncate_at_stop
-
-
-@dataclasses.dataclass
-class Result:
-  index: int  # prompt index
-  sample: int  # 0..n-1
-  text: str  # the answer, without the stop token or stop string
-  token_ids: list[int]  # the answer's tokens (with the stop token / the token completing a stop)
-  finish_reason: str  # "stop" | "length"
-  num_prompt_tokens: int
-  stop_reason: int | str | None = None  # the stop token id or stop string
-
-  @property
-  def num_tokens(self) -> int:
-    return len(self.token_ids)
 
 
 def encode_prompts(tokenizer, prompts: Sequence, chat_template: bool = True) -> list[list[int]]:
@@ -63,6 +49,7 @@ def generate_text(
   tokenizer,
   prompts: Sequence,
   max_new_tokens: int = 1024,
+  *,
   temperature: float = 0.0,
   top_p: float = 1.0,
   top_k: int = 0,
@@ -73,13 +60,12 @@ def generate_text(
   stop_token_ids: Iterable[int] = (),
   chat_template: bool = True,
   max_batch: int | str = 8,
-  on_result: Callable[[Result], None] | None = None,
-  *,
+  on_result: Callable[[Completion], None] | None = None,
   max_len: int | None = None,
   max_cache_gb: float | None = None,
   skip: Iterable[tuple[int, int]] = (),
   skip_special_tokens: bool = True,
-) -> list[Result]:
+) -> list[Completion]:
   """Answers to `prompts` (n per prompt), sorted by (index, sample); `on_result` is called with
   each as it finishes. Generation stops at the model's and tokenizer's eos ids, `stop_token_ids`,
   any string in `stop` (across token boundaries; the text is cut before it) or max_new_tokens.
@@ -92,14 +78,14 @@ def generate_text(
   reqs = requests_for(
     ids,
     max_new_tokens,
-    n=n,
-    skip=frozenset(map(tuple, skip)),
-    stops_for=(lambda: StopStrings(stop, decode)) if stop else None,
     temperature=temperature,
     top_p=top_p,
     top_k=top_k,
     min_p=min_p,
     seed=seed,
+    n=n,
+    skip=frozenset(map(tuple, skip)),
+    stops_for=(lambda: StopStrings(stop, decode)) if stop else None,
   )
   eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
   results = []
@@ -117,9 +103,7 @@ def generate_text(
       text = decode(c.token_ids[:-1])
     else:
       text = decode(c.token_ids)
-    r = Result(
-      c.index, c.sample, text, c.token_ids, c.finish_reason, c.num_prompt_tokens, c.stop_reason
-    )
+    r = dataclasses.replace(c, text=text)
     if on_result is not None:
       on_result(r)
     results.append(r)
