@@ -3,12 +3,13 @@ estimate's two halves (model FLOPs per token, the device's peak)."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import jax
 import jax.numpy as jnp
+
+from lora_jax import jsonl
 
 # Dense peak FLOP/s per device for the compute dtype used on each (bf16 on accelerators).
 _PEAK_FLOPS = {
@@ -32,8 +33,8 @@ class MetricsWriter:
     self._jsonl = self._tb = None
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    # A run killed mid-write leaves a torn last line; the appender cuts it before resuming.
+    self._jsonl = jsonl.Appender(os.path.join(workdir, "metrics.jsonl"))
     if tensorboard:
       from tensorboardX import SummaryWriter
 
@@ -43,8 +44,7 @@ class MetricsWriter:
     if not self.enabled:
       return
     row = {"step": step, "time": time.time(), **{f"{prefix}/{k}": v for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
+    self._jsonl.write(row)
     if self._tb is not None:
       for k, v in metrics.items():
         if isinstance(v, (int, float)):

@@ -67,3 +67,14 @@ def test_gzip_files_and_atomic_writes(tmp_path):
   jsonl.write_atomic(str(out), [{"a": 1}, {"b": "é"}])
   assert jsonl.records(str(out)) == [{"a": 1}, {"b": "é"}]
   assert not (tmp_path / "sub" / "graded.jsonl.tmp").exists()
+
+
+def test_training_metrics_resume_past_a_torn_line(tmp_path):
+  from lora_jax.metrics_log import MetricsWriter
+
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "tra')
+  writer = MetricsWriter(str(tmp_path), tensorboard=False)
+  writer.write(2, {"loss": 1.5})
+  writer.close()
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 2.0), (2, 1.5)]
