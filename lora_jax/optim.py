@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import jax
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 if TYPE_CHECKING:  # run_config imports this module's SCHEDULES
   from lora_jax.run_config import TrainConfig
@@ -52,3 +55,46 @@ def make_optimizer(
     optax.adamw(schedule, b1=train.b1, b2=train.b2, eps=train.eps, weight_decay=train.weight_decay)
   )
   return optax.chain(*parts), schedule
+
+
+def init_opt_state(tx: optax.GradientTransformation, params, mesh):
+  """`tx.init(params)` with every state leaf created where it belongs: a leaf shaped like a
+  parameter (Adam's moments, ...) gets that parameter's sharding, scalars (step counts) are
+  replicated. Left to itself, `jax.jit(tx.init)` returns the moments unsharded (zeros carry no
+  sharding for propagation to follow), i.e. a full copy of every trainable param per device.
+
+  `params` may be abstract (ShapeDtypeStructs with shardings, as `lora_jax.plan` builds them):
+  the state is then abstract too, placed the same way. Call it directly, not under
+  `jax.eval_shape` (a traced array has no sharding to copy)."""
+  abstract = jax.eval_shape(tx.init, params)
+  shardings = opt_state_shardings(abstract, params, mesh)
+  if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+    return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+  return jax.jit(tx.init, out_shardings=shardings)(params)
+
+
+def opt_state_shardings(state, params, mesh):
+  """A NamedSharding per leaf of `state` (arrays or ShapeDtypeStructs): the sharding of the
+  parameter at the same path (an optimizer keeps its per-param trees under the params' own key
+  paths, e.g. `mu/layers/up_proj/lora_a`), replicated for scalars."""
+  by_path = {
+    tuple(path): (x.shape, x.sharding)
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
+  replicated = NamedSharding(mesh, P())
+
+  def one(path, leaf):
+    for start in range(len(path)):
+      shape, sharding = by_path.get(tuple(path[start:]), (None, None))
+      if shape == tuple(leaf.shape):
+        return sharding
+    if leaf.ndim == 0:
+      return replicated
+    raise ValueError(
+      f"optimizer state leaf {jax.tree_util.keystr(tuple(path))} {tuple(leaf.shape)} matches no "
+      "parameter: cannot shard it like one"
+    )
+
+  return jax.tree_util.tree_map_with_path(one, state)

@@ -23,13 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from lora_jax import checkpoint as ckpt_lib
 from lora_jax import ortho as ortho_lib
 from lora_jax.data import DataIterator, Examples, load_examples, make_iterator, pad_token_id
 from lora_jax.metrics_log import MetricsWriter, flops_per_token, peak_flops_per_device
-from lora_jax.optim import make_optimizer
+from lora_jax.optim import init_opt_state, make_optimizer
 from lora_jax.ortho import OrthoConfig
 from lora_jax.run import build_model, own_buffers, split_trainable
 from lora_jax.run_config import RunConfig, TrainConfig
@@ -210,21 +209,6 @@ def init_state(cfg: RunConfig, model, total_steps: int, mesh) -> State:
   return State(
     graphdef, trainable, frozen, opt_state, tx, schedule, spans, model.config, fingerprint
   )
-
-
-def init_opt_state(tx: optax.GradientTransformation, trainable, mesh):
-  """The optimizer state of `trainable`, placed as `opt_state_shardings` says. Traceable on
-  abstract params: `lora_jax.plan` evaluates it with `jax.eval_shape` to plan memory, so the plan
-  follows whatever placement training uses."""
-  abstract = jax.eval_shape(tx.init, trainable)
-  return jax.jit(tx.init, out_shardings=opt_state_shardings(abstract, mesh))(trainable)
-
-
-def opt_state_shardings(abstract_opt_state, mesh):
-  """Every optimizer-state leaf replicated on the mesh (Adam's moments included: issue 12 item 4
-  shards them like their params)."""
-  replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.tree.map(lambda _: replicated, abstract_opt_state)
 
 
 def resume(checkpointer: ckpt_lib.Checkpointer, state: State, it: DataIterator) -> int:
