@@ -1,8 +1,12 @@
 """Memory plans (lora_jax.plan): the HLO counts, the shipped paper shapes, agreement with what
 training compiles and places, and the planned figure against the measured peak of a real step."""
 
+import dataclasses
 import gc
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +21,11 @@ from lora_jax.metrics_log import flops_per_token
 from lora_jax.optim import init_opt_state
 from lora_jax.plan import (
   PlanError,
+  Target,
   abstract,
+  format_plan,
   hlo,
+  make_plan,
   model_config,
   parse_size,
   plan_train_step,
@@ -240,3 +247,54 @@ def test_full_finetuning_per_device_memory_halves_with_twice_the_devices(full_4_
     f" -> {eight.inputs['optimizer state'] / 2**20:.1f} MiB)"
   )
   assert eight.device_bytes / four.device_bytes < 0.6
+
+
+def test_plan_recommends_the_least_recompute_that_fits(tiny):
+  path, config = tiny
+  cfg = tiny_run(path, mesh="fsdp:1", max_length=256)
+  plan = make_plan(
+    cfg, config, Target(devices=1, device_memory=1 << 40, sample_rows=0, search=True)
+  )
+  by_remat = {a.remat: a.step for a in plan.attempts}
+  assert list(by_remat) == ["none", "dots", "full"]
+  assert (
+    by_remat["none"].device_bytes > by_remat["dots"].device_bytes >= by_remat["full"].device_bytes
+  )
+  assert by_remat["full"].dot_flops > by_remat["none"].dot_flops  # the recompute is counted
+  assert plan.fits and plan.recommended is plan.train
+  # A device between what dots and none need: none does not fit, dots is the recommendation.
+  middle = (by_remat["none"].device_bytes + by_remat["dots"].device_bytes) / 2 / 0.9
+  tight = dataclasses.replace(plan, target=Target(devices=1, device_memory=int(middle)))
+  assert not tight.fits and tight.recommended.remat == "dots"
+  text = format_plan(tight)
+  assert "does NOT fit" in text and "fits with --config.model.remat=dots" in text
+  tiny_device = dataclasses.replace(plan, target=Target(devices=1, device_memory=1 << 20))
+  assert tiny_device.recommended is None
+  assert "use more devices" in format_plan(tiny_device)
+
+
+def test_launch_plan_end_to_end(tiny, tmp_path):
+  path, _ = tiny
+  cmd = [
+    sys.executable, "-m", "launch.plan", "--config=configs/base.py", f"--config.model.source={path}",
+    "--config.train.mode=full", "--config.data.max_length=32", "--devices=2", "--device_memory=16GiB",
+    "--sample_rows=2", "--sample_length=64", f"--json={tmp_path / 'plan.json'}",
+  ]  # fmt: skip
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # launch.plan makes its devices
+  done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "train step, mesh fsdp:2, remat none" in done.stdout and "decode step" in done.stdout
+  assert "verdict: the run fits as configured." in done.stdout
+  saved = json.loads((tmp_path / "plan.json").read_text())
+  assert saved["fits"] and saved["attempts"][0]["mesh"] == {"fsdp": 2}
+  assert (
+    saved["decode"]["inputs"]["KV cache"]
+    == 2 * TINY["num_hidden_layers"] * 2 * 64 * 2 * 64 * 4 // 2
+  )
+  bad = subprocess.run(
+    cmd[:5] + ["--device_memory=lots"], cwd=REPO, env=env, capture_output=True, text=True
+  )
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines()[-1] == (
+    "error: size 'lots': expected a number with a unit, e.g. 80GiB or 16GB"
+  )

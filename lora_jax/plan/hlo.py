@@ -47,7 +47,8 @@ class Instruction:
 
 @dataclasses.dataclass
 class Counts:
-  """Per call of the program, on one device."""
+  """Per call of the program, on one device. A while loop of unknown trip count (the decode
+  round's) counts once: its figures are per decoded token."""
 
   dot_flops: float = 0.0
   collective_bytes: float = 0.0

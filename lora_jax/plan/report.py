@@ -99,7 +99,8 @@ def format_plan(plan: MemoryPlan, name: str = "") -> str:
     d = plan.decode
     out += [
       "",
-      f"decode step ({t.sample_rows} rows x {t.sample_length} cache slots, sampling), per device:",
+      f"decode step ({t.sample_rows} rows x {t.sample_length} cache slots, sampling; FLOPs and "
+      "collectives per token), per device:",
       *step_lines(d, t.usable_bytes),
     ]
   out += ["", "caveats:"] + [f"  - {c}" for c in CPU_CAVEATS]
