@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
+	$(VENV)/bin/pip install -q --no-deps evalplus==0.3.1  # the code-extraction reference (BUILD.md)
 	touch $(STAMP)
 
 # The embedded default model: SmolLM2-135M-Instruct (GGUF, Q4_1) shipped inside a PyPI wheel.

@@ -171,7 +171,7 @@ def _load_solution(entry_point):
   module = types.ModuleType("solution")
   sys.modules["solution"] = module
   with open("solution.py") as f:
-    exec(compile(f.read(), "solution.py", "exec"), module.__dict__)
+    exec(compile(f.read(), "solution.py", "exec", dont_inherit=True), module.__dict__)
   return module.__dict__[entry_point]
 
 
