@@ -48,6 +48,7 @@ bench: setup
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/sample.py
 	$(PY) benchmarks/code_eval.py
+	$(PY) benchmarks/code_extract_agreement.py
 	$(PY) benchmarks/judge_agreement.py
 
 clean:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -29,9 +30,9 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Wraps the entry point so that it returns a wrong value of a similar kind.
+# Wraps the entry point (renamed `_original`) so that it returns a wrong value of a similar kind.
+# The wrapper is the program's only definition of the entry point: extraction keeps the first one.
 CORRUPT = """
-_original = {ep}
 
 
 def _corrupt(r):
@@ -60,8 +61,10 @@ def samples(kind: str) -> list[dict]:
   out = []
   for task_id, p in read_problems().items():
     completion = p["canonical_solution"]
-    if kind == "corrupted":
-      completion += CORRUPT.format(ep=p["entry_point"])
+    if kind == "corrupted":  # a whole program after the prompt (whose function it redefines)
+      ep, program = p["entry_point"], p["prompt"] + p["canonical_solution"]
+      renamed = re.sub(rf"^def {re.escape(ep)}\(", "def _original(", program, count=1, flags=re.M)
+      completion = "\n" + renamed + CORRUPT.format(ep=ep)
     out.append({"task_id": task_id, "completion": completion})
   return out
 

@@ -5,6 +5,7 @@ them, on the real data sets, and hostile programs that must not pass: as this pr
 import math
 import os
 import pathlib
+import re
 
 import pytest
 from sandbox_users import OrdinaryUser, Proxy
@@ -16,9 +17,9 @@ SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 HE_PLUS = str(SHARED / "humanevalplus" / "HumanEvalPlus.jsonl.gz")
 MBPP_PLUS = str(SHARED / "mbppplus" / "MbppPlus.jsonl.gz")
 
-# Wraps the entry point so that it returns a wrong value of a similar kind.
+# Wraps the entry point (renamed `_original`) so that it returns a wrong value of a similar kind.
+# The wrapper is the program's only definition of the entry point: extraction keeps the first one.
 CORRUPT = """
-_original = {ep}
 
 
 def _corrupt(r):
@@ -52,12 +53,14 @@ def canonical(problems):
 
 def corrupted(problems):
   return [
-    {
-      "task_id": t,
-      "completion": p["prompt"] + p["canonical_solution"] + CORRUPT.format(ep=p["entry_point"]),
-    }
+    {"task_id": t, "completion": corrupt(p["prompt"] + p["canonical_solution"], p["entry_point"])}
     for t, p in problems.items()
   ]
+
+
+def corrupt(program: str, ep: str) -> str:
+  renamed = re.sub(rf"^def {re.escape(ep)}\(", "def _original(", program, count=1, flags=re.M)
+  return renamed + CORRUPT.format(ep=ep)
 
 
 @pytest.fixture(scope="session")
@@ -143,8 +146,12 @@ def test_evalplus_subset_canonical_pass_corrupted_fail(benchmark, path, subset, 
 def test_evalplus_canonical_solutions_all_pass(benchmark, path, gt_cache):
   problems = code_data.load_problems(benchmark, path)
   results = grade_code(benchmark, problems, canonical(problems), cache_dir=gt_cache, progress=False)
-  assert [(r["task_id"], r["reason"]) for r in results if not r["passed"]] == []
-  assert summarise(results)["pass@1"] == 1.0
+  # Extracted as EvalPlus's sanitize extracts, Mbpp/630's solution loses its helper (a generator:
+  # no `return`), as it would in EvalPlus.
+  dropped = {"Mbpp/630": "base input 0: NameError: name 'adjac' is not defined"}
+  failed = {r["task_id"]: r["reason"] for r in results if not r["passed"]}
+  assert failed == {t: reason for t, reason in dropped.items() if t in problems}
+  assert summarise(results)["pass@1"] == 1.0 - len(failed) / len(problems)
 
 
 # --- hostile programs -------------------------------------------------------------------------
@@ -152,7 +159,8 @@ def test_evalplus_canonical_solutions_all_pass(benchmark, path, gt_cache):
 
 def hostile(home: str) -> dict[str, str]:
   """Programs that try to pass without solving HumanEval/0, or to do harm; `home`: the
-  evaluator's home directory (where `canary` must survive)."""
+  evaluator's home directory (where `canary` must survive). Each function has a `return`:
+  extraction keeps only functions that return, as EvalPlus's sanitize does."""
   return {
     # sys.exit(0) / os._exit(0) while the program loads, before any test ran (an assignment the
     # entry point needs survives extraction)
@@ -160,7 +168,8 @@ def hostile(home: str) -> dict[str, str]:
     "def has_close_elements(numbers, threshold):\n    return VALUE\n",
     "hard_exit_at_import": "import os\nVALUE = os._exit(0)\n"
     "def has_close_elements(numbers, threshold):\n    return VALUE\n",
-    "exit_in_call": "import sys\ndef has_close_elements(numbers, threshold):\n    sys.exit(0)\n",
+    "exit_in_call": "import sys\ndef has_close_elements(numbers, threshold):\n    sys.exit(0)\n"
+    "    return True\n",
     "eq_always_true": "class Yes:\n    def __eq__(self, other):\n        return True\n"
     "    def __bool__(self):\n        return True\n"
     "def has_close_elements(numbers, threshold):\n    return Yes()\n",
@@ -173,13 +182,15 @@ def hostile(home: str) -> dict[str, str]:
     "                 {'s': 1, 'done': True}):\n"
     "        try:\n            os.write(3, (json.dumps(line) + '\\n').encode())\n"
     "        except OSError:\n            pass\n"
-    "    os._exit(0)\n",
-    "infinite_loop": "def has_close_elements(numbers, threshold):\n    while True:\n        pass\n",
+    "    os._exit(0)\n    return True\n",
+    "infinite_loop": "def has_close_elements(numbers, threshold):\n    while True:\n        pass\n"
+    "    return True\n",
     "alarm_ignored": "import signal\nOLD = signal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
     "def has_close_elements(numbers, threshold):\n    while OLD or True:\n"
-    "        pass\n",
+    "        pass\n    return True\n",
     "fork_bomb": "import os\ndef has_close_elements(numbers, threshold):\n    while True:\n"
-    "        try:\n            os.fork()\n        except OSError:\n            pass\n",
+    "        try:\n            os.fork()\n        except OSError:\n            pass\n"
+    "    return True\n",
     "huge_allocation": "def has_close_elements(numbers, threshold):\n"
     "    return len(bytearray(20 << 30)) > 0\n",
     "kill_everything": "import os\ndef has_close_elements(numbers, threshold):\n"
@@ -190,7 +201,7 @@ def hostile(home: str) -> dict[str, str]:
     "        except OSError:\n            pass\n"
     "    return True\n",
     "output_flood": "import os\ndef has_close_elements(numbers, threshold):\n    while True:\n"
-    "        os.write(1, b'x' * 65536)\n",
+    "        os.write(1, b'x' * 65536)\n    return True\n",
     "write_home": "import os\ndef has_close_elements(numbers, threshold):\n"
     f"    with open('{home}/sandbox_was_here', 'w') as f:\n        f.write('x')\n"
     "    return True\n",
@@ -223,6 +234,7 @@ def test_hostile_programs_fail_and_are_contained(benchmark, isolation, humaneval
       kwargs["cache_dir"] = request.getfixturevalue("gt_cache")
       results = grade_code(benchmark, problems, gens, **kwargs)
     for r in results:
+      assert "def has_close_elements" in r["extracted_code"], r["name"]  # what runs is hostile
       assert not r["passed"], r["name"]
       assert r["reason"], r["name"]
       assert r["base_status"] in ("fail", "timeout"), r["name"]
