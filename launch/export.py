@@ -1,4 +1,5 @@
-"""Export: `python -m launch.export --workdir=DIR --format=peft|merged --out=DIR [--step=N]`."""
+"""Export: `python -m launch.export --workdir=DIR --format=peft|merged --out=DIR [--step=N]
+[--ortho=column|row|both --ortho_k=K]` (OrthoMerge: see lora_jax/orthomerge.py)."""
 
 from absl import flags
 
@@ -14,6 +15,13 @@ flags.DEFINE_bool(
   False,
   "Export every checkpoint to OUT/step_N (for launch.eval --workdir --steps=all).",
 )
+flags.DEFINE_enum(
+  "ortho",
+  None,
+  ["column", "row", "both"],
+  "OrthoMerge: remove dW's part inside W0's top-k left (column), right (row) or both subspaces.",
+)
+flags.DEFINE_integer("ortho_k", 16, "OrthoMerge's k.")
 flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -21,8 +29,9 @@ def main(argv):
   del argv
   from lora_jax.export import export_checkpoints
 
+  ortho = {"ortho": FLAGS.ortho, "ortho_k": FLAGS.ortho_k}
   for path in export_checkpoints(
-    FLAGS.workdir, FLAGS.out, FLAGS.format, FLAGS.step, all_steps=FLAGS.all_steps
+    FLAGS.workdir, FLAGS.out, FLAGS.format, FLAGS.step, all_steps=FLAGS.all_steps, **ortho
   ):
     print(path)
 

@@ -14,6 +14,7 @@ import json
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -66,6 +67,28 @@ class Checkpointer:
   def read_meta(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def read_params(self, step: int, paths) -> dict[tuple[str, ...], np.ndarray]:
+    """Only the listed leaves of a checkpoint's params, as host arrays in their saved dtype, e.g.
+    paths=[("layers", "up_proj", "kernel")]. An Orbax partial restore: nothing else is read, so
+    the weight-space analysis holds one module of a 14B model at a time."""
+    tree: dict = {}
+    for path in paths:
+      node = tree
+      for part in path[:-1]:
+        node = node.setdefault(part, {})
+      node[path[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
+    restored = ocp.PyTreeCheckpointer().restore(
+      os.path.join(self.directory, str(step), "params"),
+      args=ocp.args.PyTreeRestore(item=tree, restore_args=tree, partial_restore=True),
+    )
+    out = {}
+    for path in paths:
+      node = restored
+      for part in path:
+        node = node[part]
+      out[tuple(path)] = node
+    return out
 
   def restore(self, step: int, params_like, opt_state_like=None, fingerprint: dict | None = None):
     """(params, opt_state, meta) restored onto the shardings of `*_like` (arrays or

@@ -20,12 +20,23 @@ FORMATS = ("peft", "merged")
 
 
 def export_checkpoint(
-  workdir: str, out_dir: str, fmt: str = "peft", step: int | None = None, mesh=None
+  workdir: str,
+  out_dir: str,
+  fmt: str = "peft",
+  step: int | None = None,
+  mesh=None,
+  ortho: str | None = None,
+  ortho_k: int = 16,
 ) -> str:
-  """Export one checkpoint (the latest unless `step` is given) to `out_dir`."""
+  """Export one checkpoint (the latest unless `step` is given) to `out_dir`. `ortho` ("column",
+  "row" or "both") first applies OrthoMerge with W0's top `ortho_k` subspace (lora_jax.orthomerge)."""
   if fmt not in FORMATS:
     raise ValueError(f"format={fmt!r}; expected one of {FORMATS}")
   model, tokenizer, cfg, step = restore_model(workdir, step, mesh)
+  if ortho:
+    from lora_jax.orthomerge import orthomerge
+
+    orthomerge(model, cfg.model.source, ortho, ortho_k)
   if fmt == "peft":
     if cfg.adapter is None:
       raise ValueError(f"{workdir} is a full fine-tuning run: export it with --format=merged")
@@ -36,13 +47,20 @@ def export_checkpoint(
 
 
 def export_checkpoints(
-  workdir: str, out: str, fmt: str = "peft", step: int | None = None, all_steps: bool = False
+  workdir: str,
+  out: str,
+  fmt: str = "peft",
+  step: int | None = None,
+  all_steps: bool = False,
+  **ortho,
 ) -> list[str]:
   """Export one checkpoint to `out`, or with `all_steps` every checkpoint to `out/step_N` (the
-  layout `launch.eval --workdir` reads)."""
+  layout `launch.eval --workdir` reads). `ortho`: `ortho=` and `ortho_k=` of `export_checkpoint`."""
   if not all_steps:
-    return [export_checkpoint(workdir, out, fmt, step)]
+    return [export_checkpoint(workdir, out, fmt, step, **ortho)]
   steps = checkpoint_steps(workdir)
   if not steps:
     raise FileNotFoundError(f"no checkpoints in {workdir}/checkpoints")
-  return [export_checkpoint(workdir, os.path.join(out, f"step_{s}"), fmt, s) for s in steps]
+  return [
+    export_checkpoint(workdir, os.path.join(out, f"step_{s}"), fmt, s, **ortho) for s in steps
+  ]
