@@ -98,8 +98,10 @@ def test_random_update_overlaps_at_chance():
   assert record["overlap"]["64"]["both"] == pytest.approx(64 * 64 / (m * n), rel=0.1)
 
 
-def test_exact_spectrum_equals_lapack_in_float64():
-  w0, _, _, _ = _base(m=40, n=56, seed=2)  # wide: the Gram matrix of the other side
+@pytest.mark.parametrize("m,n", [(40, 56), (48, 48), (56, 40)])
+def test_exact_spectrum_equals_lapack_in_float64(m, n):
+  """Tall, square and wide: the Gram matrix is taken on the smaller side."""
+  w0, _, _, _ = _base(m=m, n=n, seed=2)
   spec = base_spectrum(w0, 8, KEY)
   u, s, vt = np.linalg.svd(w0.astype(np.float64))
   np.testing.assert_allclose(np.asarray(spec.s), s[:8], rtol=1e-5)

@@ -93,7 +93,7 @@ def base_spectrum(w0, kmax: int, key: jax.Array, exact_max: int = 2048) -> Spect
   if min(m, n) <= exact_max:
     lam, vec, fro2 = _top_eigh(_gram(w), kmax)
     s = np.sqrt(np.maximum(lam, 0.0))
-    u, v = (vec, _other_side(w.T, vec)) if m <= n else (_other_side(w, vec), vec)
+    u, v = (vec, _other_side(w.T, vec)) if m < n else (_other_side(w, vec), vec)
     return Spectrum(jnp.asarray(u), jnp.asarray(s, jnp.float32), jnp.asarray(v), fro2**0.5, "exact")
   u, s, v = _randomized_svd(w, key, kmax)
   return Spectrum(u, s, v, float(jnp.linalg.norm(w)), "randomized")
