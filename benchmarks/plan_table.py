@@ -1,6 +1,7 @@
 """Memory plans of the paper's configs on the accelerators people have: the table in BUILD.md.
 
   python benchmarks/plan_table.py [--out benchmarks/results/plan_table.json] [--build_md BUILD.md]
+  python benchmarks/plan_table.py --from_json benchmarks/results/plan_table.json --build_md BUILD.md
 
 R1-Distill-Qwen 1.5B/7B/14B/32B, LoRA r1 on up_proj (the paper's best) and full fine-tuning,
 planned by `lora_jax.plan` (the train step compiled ahead of time for fake CPU devices, XLA's
@@ -129,10 +130,18 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", default="benchmarks/results/plan_table.json")
   ap.add_argument("--build_md", help="rewrite the generated block of this BUILD.md")
+  ap.add_argument("--from_json", help="remake the table from this earlier --out, planning nothing")
   ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.worker:
     worker(args.worker)
+    return
+  if args.from_json:
+    with open(args.from_json) as f:
+      table = markdown(json.load(f)["rows"])
+    print(table)
+    if args.build_md:
+      update_build_md(args.build_md, table)
     return
   t0 = time.time()
   rows = []

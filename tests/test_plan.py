@@ -179,6 +179,7 @@ def _rss_kib(field: str) -> int:
     return int(next(line.split()[1] for line in f if line.startswith(field + ":")))
 
 
+@pytest.mark.slow
 def test_planned_memory_is_the_measured_peak_of_the_step(tiny):
   """The plan's per-device figure against the real step on one CPU device. Measured: the step's
   arguments (resident before it runs, their exact nbytes) plus the growth of the process's peak
@@ -268,11 +269,13 @@ def test_plan_recommends_the_least_recompute_that_fits(tiny):
   assert not tight.fits and tight.recommended.remat == "dots"
   text = format_plan(tight)
   assert "does NOT fit" in text and "fits with --config.model.remat=dots" in text
+  assert "bfloat16 matmuls in float32" in text  # a GPU plan says what XLA:CPU gets wrong
   tiny_device = dataclasses.replace(plan, target=Target(devices=1, device_memory=1 << 20))
   assert tiny_device.recommended is None
   assert "use more devices" in format_plan(tiny_device)
 
 
+@pytest.mark.slow
 def test_launch_plan_end_to_end(tiny, tmp_path):
   path, _ = tiny
   cmd = [

@@ -5,15 +5,15 @@ python -m launch.plan --config=configs/paper/full.py:32b --devices=8 --device_me
 
 from lora_jax.plan.abstract import PlanError, model_config, shipped_shapes
 from lora_jax.plan.fit import MemoryPlan, Target, make_plan
-from lora_jax.plan.planner import CPU_CAVEATS, StepPlan, plan_decode_step, plan_train_step
+from lora_jax.plan.planner import StepPlan, caveats, plan_decode_step, plan_train_step
 from lora_jax.plan.report import format_plan, parse_size
 
 __all__ = [
-  "CPU_CAVEATS",
   "MemoryPlan",
   "PlanError",
   "StepPlan",
   "Target",
+  "caveats",
   "format_plan",
   "make_plan",
   "model_config",

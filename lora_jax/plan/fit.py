@@ -19,9 +19,9 @@ import jax
 from lora_jax.config import ModelConfig
 from lora_jax.plan.abstract import PlanError
 from lora_jax.plan.planner import (
-  CPU_CAVEATS,
   GiB,
   StepPlan,
+  caveats,
   plan_decode_step,
   plan_train_step,
   with_remat,
@@ -110,7 +110,7 @@ class MemoryPlan:
       "attempts": [a.to_dict(self.target) for a in self.attempts],
       "decode": None if self.decode is None else self.decode.to_dict(),
       "decode_fits": self.decode_fits,
-      "caveats": list(CPU_CAVEATS),
+      "caveats": list(caveats(self.target.platform)),
     }
 
 

@@ -6,7 +6,7 @@ import re
 
 from lora_jax.plan.abstract import PlanError
 from lora_jax.plan.fit import MemoryPlan
-from lora_jax.plan.planner import CPU_CAVEATS, GiB, StepPlan
+from lora_jax.plan.planner import GiB, StepPlan, caveats
 
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12}
 _UNITS.update({"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40})
@@ -103,5 +103,5 @@ def format_plan(plan: MemoryPlan, name: str = "") -> str:
       "collectives per token), per device:",
       *step_lines(d, t.usable_bytes),
     ]
-  out += ["", "caveats:"] + [f"  - {c}" for c in CPU_CAVEATS]
+  out += ["", "caveats:"] + [f"  - {c}" for c in caveats(t.platform)]
   return "\n".join(out)
