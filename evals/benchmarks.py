@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from evals import gpqa, math_grader, safety
+from evals import gpqa, math_grader, reference_files, safety
 from evals import refusal_judge as refusal_judge_lib
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,10 @@ class Sampling:
   max_new_tokens: int
   stop: tuple[str, ...] = ()
   n: int = 1
+  # Prompt + answer at most this many tokens (vLLM's max_model_len; None: max_new_tokens only).
+  max_model_len: int | None = None
+  # The tokenizer adds its BOS to the rendered chat prompt too: two BOS (a reference quirk).
+  add_special_tokens: bool = False
 
 
 SAFETY_SAMPLING = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=2048)
@@ -194,11 +198,15 @@ def get(name: str) -> Benchmark:
 
 
 def sampling_for(name: str, template: str) -> Sampling:
-  """The reference stops AIME/MATH generations at "Problem:" (its prompt invites a next one)."""
+  """The reference's lm-eval tasks stop AIME/MATH generations at "Problem:" (its prompt invites
+  a next one; AIME.yaml) and GPQA's at "</s>" (_gpqa_better_prompt_yaml's `until`)."""
   bench = get(name)
-  if bench.kind == "math" and template == "reference":
-    return replace(bench.sampling, stop=("Problem:",))
+  if template == "reference" and bench.kind in REFERENCE_STOPS:
+    return replace(bench.sampling, stop=REFERENCE_STOPS[bench.kind])
   return bench.sampling
+
+
+REFERENCE_STOPS = {"math": ("Problem:",), "gpqa": ("</s>",)}
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -260,20 +268,29 @@ def load(name: str, path: str | None = None) -> dict[str, dict]:
   return records
 
 
-def resolve_path(name: str, data_paths: dict[str, str], data_dir: str | None) -> str | None:
-  """The local file for `name`: an explicit --data=name=path, else under --data_dir, else None
-  (load from the hub; `--data=name=hub` asks for the hub even with --data_dir)."""
+def resolve_path(
+  name: str, data_paths: dict[str, str], data_dir: str | None, reference_data: bool = False
+) -> str | None:
+  """The local file for `name`: an explicit --data=name=path, else under --data_dir, else (with
+  `reference_data`) the reference's own file where it pins one (`reference_files`, fetched once),
+  else None (load from the hub; `--data=name=hub` asks for the hub in every case). With
+  `reference_data`, a local file that is not the reference's is logged."""
   if name in data_paths:
-    return None if data_paths[name] == "hub" else data_paths[name]
-  if data_dir:
+    path = None if data_paths[name] == "hub" else data_paths[name]
+  elif data_dir:
     path = os.path.join(data_dir, get(name).local_file)
     if not os.path.isfile(path):
       raise FileNotFoundError(
         f"{name}: {path} not found under --data_dir={data_dir} (give "
         f"--data={name}=PATH, or --data={name}=hub)"
       )
-    return path
-  return None
+  elif reference_data and name in reference_files.FILES:
+    return reference_files.fetch(name)
+  else:
+    return None
+  if reference_data and path:
+    reference_files.check(name, path)
+  return path
 
 
 # --- prompts and grading --------------------------------------------------------------------------
@@ -306,37 +323,32 @@ def grade(
   math_judge_fn=None,
   code_workers: int = 2,
   refusal_judge: str = refusal_judge_lib.DEFAULT_REFUSAL_JUDGE,
+  rules: str = "extended",
 ) -> list[dict]:
   """Grade samples (dicts with `task_id`, `seed`, `completion`): one result dict each,
   the sample's fields plus the grade.
 
+  `rules` (reference template): "reference" grades math answers and reads Llama-Guard's verdict
+  exactly as the reference did (`math_grader.grade_math_reference`, `safety.reference_verdict`);
+  "extended" adds equivalence rules for math and asks Llama-Guard's first line to be the verdict.
+
   `refusal_judge` names the offline judge (`evals.refusal_judge`): it decides `refusal` on the
   safety and over-refusal benchmarks, and without Llama-Guard it is the safety judge (refused =
   safe). `llama_guard_fn(prompts) -> texts` makes Llama-Guard-3 the safety judge;
-  `math_judge_fn(conversations) -> texts` re-checks math mismatches with an LLM
+  `math_judge_fn(prompt_texts) -> texts` re-checks math mismatches with an LLM
   (`llm_correct`).
   """
+  if rules not in ANSWER_RULES:
+    raise ValueError(f"answer rules {rules!r}; expected one of {', '.join(ANSWER_RULES)}")
   bench = get(name)
   if bench.kind == "code":
-    from evals import code_grader
-
-    results = code_grader.grade_code(name, records, samples, workers=code_workers)
-    # One result per sample, in the samples' order (grade_code's contract).
-    if [str(r["task_id"]) for r in results] != [str(s["task_id"]) for s in samples]:
-      raise RuntimeError(f"{name}: grade_code's results do not match the samples in order")
-    return [
-      {**s, "correct": bool(r["passed"]), "reason": r.get("reason")}
-      for s, r in zip(samples, results, strict=True)
-    ]
+    return _grade_code(name, records, samples, code_workers)
   refusals = refusal_judge_lib.get(refusal_judge)
   out = []
   for s in samples:
     record, text = records[str(s["task_id"])], s["completion"]
     if bench.kind == "math":
-      extraction = "boxed" if template == "reference" else "math_verify"
-      out.append(
-        {**s, **math_grader.grade_math(text, record["gold"], bench.integer_gold, extraction)}
-      )
+      out.append({**s, **_grade_math(text, record["gold"], bench.integer_gold, template, rules)})
     elif bench.kind == "gpqa":
       out.append({**s, **gpqa.grade_gpqa(text, record, int(s.get("seed", 0)), template)})
     else:
@@ -349,21 +361,48 @@ def grade(
       out.append({**s, **extra, "refusal": verdict.verdict == "refusal"})
   if bench.kind == "math" and math_judge_fn is not None:
     _llm_recheck(out, records, math_judge_fn)
-  if bench.kind == "safety":
-    if llama_guard_fn is None:  # the refusal judge: anything not refused counts as unsafe
-      for g in out:
-        g.update(judge=refusals.name, unsafe=not g["refusal"], categories=[])
-    else:
-      pairs = [(records[str(g["task_id"])]["prompt"], g["completion"]) for g in out]
-      for g, v in zip(out, safety.judge_llama_guard(pairs, llama_guard_fn), strict=True):
-        unsafe = None if v["verdict"] is None else v["verdict"] == "unsafe"
-        g.update(
-          judge="llama_guard_3",
-          unsafe=unsafe,
-          categories=v["categories"],
-          judge_output=v["judge_output"],
-        )
+  if bench.kind == "safety" and llama_guard_fn is None:  # anything not refused is unsafe
+    for g in out:
+      g.update(judge=refusals.name, unsafe=not g["refusal"], categories=[])
+  elif bench.kind == "safety":
+    _judge_harm(out, records, llama_guard_fn, rules)
   return out
+
+
+ANSWER_RULES = ("reference", "extended")
+
+
+def _grade_code(name: str, records: dict, samples: list[dict], workers: int) -> list[dict]:
+  from evals import code_grader
+
+  results = code_grader.grade_code(name, records, samples, workers=workers)
+  # One result per sample, in the samples' order (grade_code's contract).
+  if [str(r["task_id"]) for r in results] != [str(s["task_id"]) for s in samples]:
+    raise RuntimeError(f"{name}: grade_code's results do not match the samples in order")
+  return [
+    {**s, "correct": bool(r["passed"]), "reason": r.get("reason")}
+    for s, r in zip(samples, results, strict=True)
+  ]
+
+
+def _judge_harm(graded: list[dict], records: dict, llama_guard_fn, rules: str) -> None:
+  pairs = [(records[str(g["task_id"])]["prompt"], g["completion"]) for g in graded]
+  verdicts = safety.judge_llama_guard(pairs, llama_guard_fn, rules)
+  for g, v in zip(graded, verdicts, strict=True):
+    g.update(
+      judge="llama_guard_3",
+      unsafe=None if v["verdict"] is None else v["verdict"] == "unsafe",
+      categories=v["categories"],
+      judge_output=v["judge_output"],
+    )
+
+
+def _grade_math(text: str, gold: str, integer_gold: bool, template: str, rules: str) -> dict:
+  if template == "lighteval":
+    return math_grader.grade_math(text, gold, integer_gold, "math_verify")
+  if rules == "reference":
+    return math_grader.grade_math_reference(text, gold)
+  return math_grader.grade_math(text, gold, integer_gold, "boxed")
 
 
 def _llm_recheck(graded: list[dict], records: dict[str, dict], judge_fn) -> None:

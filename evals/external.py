@@ -70,13 +70,15 @@ def grade_only(
   template: str = "reference",
   judges: runner.Judges | None = None,
   code_workers: int = 2,
+  rules: str = "extended",
+  preset: str | None = None,
 ) -> dict:
   """Grade a generations file; writes scores to `out_path` and the graded answers beside it
-  (`<out>.graded.jsonl`)."""
+  (`<out>.graded.jsonl`). `rules`: `benchmarks.ANSWER_RULES`; `preset` is recorded."""
   records = benchmarks.load(name, data_path)
   samples = read_generations(generations_path, records, name)
   graded, result = runner.grade_and_score(
-    name, records, samples, template, judges or runner.Judges(), code_workers
+    name, records, samples, template, judges or runner.Judges(), code_workers, rules
   )
   stem = out_path[:-5] if out_path.endswith(".json") else out_path
   jsonl.write_atomic(stem + ".graded.jsonl", graded)
@@ -85,6 +87,7 @@ def grade_only(
     "step": None,
     "generations": generations_path,
     "template": template,
+    "preset": preset,
     "benchmarks": {name: result},
   }
   runner.write_json(out_path, scores)

@@ -3,7 +3,11 @@
 The reference (lm-eval `gpqa_diamond_better_prompt`) shuffles the four choices with Python's
 global `random` state, so its order depends on everything that ran before. We derive the order
 from a hash of (seed, question id) instead: the same seed gives the same prompt on any machine,
-in any order, on a rerun that resumes half-way.
+in any order, on a rerun that resumes half-way. (A difference from the reference, not a quirk
+reproduced: its order cannot be rebuilt outside its own lm-eval and datasets versions.)
+
+The answer letter is read exactly as the reference's second stage reads it
+(`mcq_metric_gpqa.py`, `extract_answer`; see `reference_letter`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+
+from evals.math_grader import reference_boxed
 
 LETTERS = "ABCD"
 
@@ -55,9 +61,43 @@ def correct_letter(record: dict, seed: int) -> str:
   return shuffled_choices(record, seed)[1]
 
 
-# A letter as models decorate it: "B", "(B)", "**B**", "\\text{B}", "\\textbf{(B)}", "B." ... The
-# phrases are case-insensitive; a bare letter must be a capital ("the answer is a bit..." is no
-# answer), a lower-case one counts only when bracketed: "(b)", "{b}".
+# --- the reference's cascade (mcq_metric_gpqa.py, extract_answer), rule for rule -------------------
+#
+# 1. the last \boxed{} as the reference's math helpers find it; its first capital letter after
+#    upper-casing (REFERENCE QUIRK: "\boxed{\text{B}}" reads "T", not a choice, so rule 1 fails);
+# 2. "Final Answer" / "Answer" / "Answer is", an optional colon, optional spaces, an optional "(":
+#    the last match's letter. Case is ignored in the pattern but not in the check, and the
+#    spaces are optional (REFERENCE QUIRK: "answers" matches with "s", "answer the" with "t";
+#    when the last match is such a letter, the rule fails, earlier matches are not tried);
+# 3. "The answer is X", 4. "The correct answer is X", 5. "The final answer is X" (the same way).
+_VALID = frozenset("ABCD")
+_REFERENCE_RULES = [
+  re.compile(r"(?:Final Answer|Answer(?: is)?):?\s*\(?([A-Z])\)?", re.IGNORECASE),
+  re.compile(r"The answer is\s+\(?([A-Z])\)?", re.IGNORECASE),
+  re.compile(r"The correct answer is\s+\(?([A-Z])\)?", re.IGNORECASE),
+  re.compile(r"The final answer is\s+\(?([A-Z])\)?", re.IGNORECASE),
+]
+
+
+def reference_letter(text: str) -> str | None:
+  """The answer letter by the reference's cascade (module comment above), or None."""
+  text = text or ""
+  boxed = reference_boxed(text)
+  if boxed is not None:
+    first = re.search(r"[A-Z]", boxed.strip().upper())
+    if first and first.group(0) in _VALID:
+      return first.group(0)
+  for rule in _REFERENCE_RULES:
+    found = rule.findall(text)
+    if found and found[-1] in _VALID:
+      return found[-1]
+  return None
+
+
+# --- lighteval: a letter as models decorate it ----------------------------------------------------
+# "B", "(B)", "**B**", "\text{B}", "\textbf{(B)}", "B." ... The phrases are case-insensitive; a
+# bare letter must be a capital ("the answer is a bit..." is no answer), a lower-case one counts
+# only when bracketed: "(b)", "{b}".
 _LETTER = (
   r"[\s*$(\[{]*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{\s*\(?)?\s*"
   r"([ABCD]|(?<=[({])[abcd](?=[)}]))\b"
@@ -74,21 +114,19 @@ def _last(pattern: re.Pattern, text: str) -> str | None:
   return found[-1].upper() if found else None
 
 
-def extract_letter(text: str, template: str = "reference") -> str | None:
-  """The answer letter by the reference's cascade, or None.
-
-  `\\boxed{X}` first, else `Final Answer: X`, else `the answer is X` (the last match of
-  the first rule that matches). With the lighteval template, `Answer: X` (what that prompt
-  asks for) is tried after them.
-  """
-  rules = [_BOXED, _FINAL, _THE_ANSWER]
-  if template == "lighteval":
-    rules.append(_ANSWER_COLON)
-  for rule in rules:
+def lighteval_letter(text: str) -> str | None:
+  """For the lighteval template: `\\boxed{X}`, else `Final Answer: X`, else `the answer is X`,
+  else `Answer: X` (what that prompt asks for), with the decorations models add."""
+  for rule in (_BOXED, _FINAL, _THE_ANSWER, _ANSWER_COLON):
     letter = _last(rule, text or "")
     if letter:
       return letter
   return None
+
+
+def extract_letter(text: str, template: str = "reference") -> str | None:
+  """The answer letter for `template`'s prompt: the reference's cascade, or lighteval's."""
+  return reference_letter(text) if template == "reference" else lighteval_letter(text)
 
 
 def grade_gpqa(response: str, record: dict, seed: int, template: str = "reference") -> dict:

@@ -8,9 +8,10 @@ Layout of one model's results under `out_dir/<label>/`::
     scores.json                         per-benchmark scores with 95% confidence intervals
 
 Generation takes a `generate_fn` (dependency injection): the real one runs the lora_jax
-sampler, tests pass a fake. Its contract: `generate_fn(prompts, *, seed, sampling, chat_template,
-on_result)` calls `on_result(r)` once per finished answer, `r` having `.index` (position in
-`prompts`), `.sample`, `.text`, `.finish_reason`, `.token_ids`, `.num_prompt_tokens`.
+sampler (`evals.sampler_fns`), tests pass a fake. Its contract: `generate_fn(prompts, *, seed,
+sampling, chat_template, on_result)` calls `on_result(r)` once per finished answer, `r` having
+`.index` (position in `prompts`), `.sample`, `.text`, `.finish_reason`, `.token_ids`,
+`.num_prompt_tokens`. Which settings a run uses is decided by `evals.presets`.
 """
 
 from __future__ import annotations
@@ -49,13 +50,20 @@ class EvalConfig:
   temperature: float | None = None
   top_p: float | None = None
   code_workers: int = 2
+  max_model_len: int | None = None  # reasoning: prompt + answer at most this (vLLM max_model_len)
+  safety_double_bos: bool = False  # safety: the tokenizer's BOS after the template's (quirk)
+  answer_rules: str = "extended"  # benchmarks.ANSWER_RULES
+  reference_data: bool = False  # the reference's own data files where it pins one
+  preset: str | None = None  # recorded in scores.json
 
 
 @dataclass
 class Judges:
   llama_guard: Callable | None = None  # rendered prompts -> texts; None: the refusal judge
   refusal: str = refusal_judge.DEFAULT_REFUSAL_JUDGE  # offline refusal judge, by name
-  math: Callable | None = None  # chat conversations -> texts; None: no LLM re-check
+  math: Callable | None = None  # re-check prompt texts -> texts; None: no LLM re-check
+  llama_guard_model: str | None = None  # their weights, recorded beside the scores
+  math_model: str | None = None
 
 
 # --- small file helpers ---------------------------------------------------------------------------
@@ -79,7 +87,20 @@ def sampling(cfg: EvalConfig, name: str) -> Sampling:
     "top_p": cfg.top_p,
   }
   s = benchmarks.sampling_for(name, cfg.template)
-  return replace(s, **{k: v for k, v in overrides.items() if v is not None})
+  s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
+  if benchmarks.get(name).kind in SAFETY_KINDS:
+    return replace(s, add_special_tokens=cfg.safety_double_bos)
+  return replace(s, max_model_len=cfg.max_model_len)
+
+
+def sampling_meta(s: Sampling) -> dict:
+  """The sampling as recorded beside the answers; settings at their off value are left out, so
+  answers made before they existed still match."""
+  meta = asdict(s)
+  for key, off in (("max_model_len", None), ("add_special_tokens", False)):
+    if meta[key] == off:
+      del meta[key]
+  return meta
 
 
 def seeds(cfg: EvalConfig, name: str) -> tuple[int, ...]:
@@ -89,7 +110,7 @@ def seeds(cfg: EvalConfig, name: str) -> tuple[int, ...]:
 
 
 def load_records(cfg: EvalConfig, name: str) -> dict[str, dict]:
-  path = benchmarks.resolve_path(name, cfg.data_paths, cfg.data_dir)
+  path = benchmarks.resolve_path(name, cfg.data_paths, cfg.data_dir, cfg.reference_data)
   records = benchmarks.load(name, path)
   if cfg.limit and cfg.limit < len(records):
     log.info("%s: using the first %d of %d problems (--limit)", name, cfg.limit, len(records))
@@ -147,9 +168,8 @@ def generate(
   """Generate the missing (task, seed) answers of one benchmark; returns the JSONL path."""
   s = sampling(cfg, name)
   base = os.path.join(cfg.out_dir, label, "generations", name)
-  _check_meta(
-    base + ".meta.json", {"template": cfg.template, "sampling": asdict(s), "model": model_info}
-  )
+  meta = {"template": cfg.template, "sampling": sampling_meta(s), "model": model_info}
+  _check_meta(base + ".meta.json", meta)
   made = answers.read_answers(base + ".jsonl", missing_ok=True, keep_first=True)
   done = Counter((a.id, a.seed) for a in made)
   for seed in seeds(cfg, name):
@@ -188,6 +208,9 @@ def answer_sample(a: answers.Answer, task_id: str) -> dict:
 
 
 def score(name: str, graded: list[dict]) -> dict:
+  """A benchmark's scores. With an LLM re-check (the reference's second stage), its verdicts are
+  the headline (`pass@1_llm`, unparsable verdicts counted wrong as the reference counts them)
+  and the rule-based `pass@1` stands beside it."""
   kind = benchmarks.get(name).kind
   if kind == "safety":
     result = metrics.score_safety(graded)
@@ -197,7 +220,11 @@ def score(name: str, graded: list[dict]) -> dict:
     result = metrics.score_correctness(graded)
     if any("llm_correct" in g for g in graded):
       result["pass@1_llm"] = metrics.score_correctness(graded, "llm_correct")["pass@1"]
+      result["n_llm_rechecked"] = sum(
+        not g["correct"] and g["extracted"] is not None for g in graded
+      )
       result["n_llm_unparsable"] = sum(g.get("llm_correct", False) is None for g in graded)
+      result["primary"] = "pass@1_llm"
   return {"kind": kind, **result}
 
 
@@ -208,6 +235,7 @@ def grade_and_score(
   template: str,
   judges: Judges,
   code_workers: int = 2,
+  rules: str = "extended",
 ) -> tuple[list[dict], dict]:
   graded = benchmarks.grade(
     name,
@@ -218,8 +246,17 @@ def grade_and_score(
     math_judge_fn=judges.math,
     code_workers=code_workers,
     refusal_judge=judges.refusal,
+    rules=rules,
   )
-  return graded, score(name, graded)
+  result = score(name, graded)
+  kind = result["kind"]
+  if kind in ("math", "gpqa"):
+    result["answer_rules"] = rules if kind == "math" else "reference"
+  if kind == "math" and judges.math is not None:
+    result["math_judge_model"] = judges.math_model
+  if kind == "safety" and judges.llama_guard is not None:
+    result["judge_model"] = judges.llama_guard_model
+  return graded, result
 
 
 def _step_of(label: str) -> int | None:
@@ -235,6 +272,7 @@ def grade_all(cfg: EvalConfig, label: str, judges: Judges, model_info: dict) -> 
     "step": _step_of(label),
     **model_info,
     "template": cfg.template,
+    "preset": cfg.preset,
     "benchmarks": {},
   }
   if os.path.exists(scores_path):  # keep benchmarks scored by earlier runs
@@ -247,7 +285,9 @@ def grade_all(cfg: EvalConfig, label: str, judges: Judges, model_info: dict) -> 
     if not samples:
       log.warning("%s/%s: no answers to grade in %s", label, name, gen_path)
       continue
-    graded, result = grade_and_score(name, records, samples, cfg.template, judges, cfg.code_workers)
+    graded, result = grade_and_score(
+      name, records, samples, cfg.template, judges, cfg.code_workers, cfg.answer_rules
+    )
     jsonl.write_atomic(os.path.join(cfg.out_dir, label, "graded", name + ".jsonl"), graded)
     scores["benchmarks"][name] = result
     log.info("%s/%s: %s = %s", label, name, result["primary"], result[result["primary"]])
@@ -354,120 +394,23 @@ def _exports(workdir: str) -> dict[int, str]:
 def evaluate_models(
   cfg: EvalConfig,
   models: list[tuple[str, str, str | None]],
-  judges: Callable[[], Judges],
+  judges: Judges,
   *,
   dtype: str = "float32",
   max_batch: int = 8,
+  merge_dtype: str = "none",
 ) -> dict[str, dict]:
   """Generate every model's missing answers on the lora_jax sampler, one model in memory at a
-  time; then load the judges once (`judges()`) and grade them all. Scores by label."""
+  time; then grade them all (`judges` load their models on first use). Scores by label."""
+  from evals import sampler_fns
+
   for name in cfg.benchmarks:
     benchmarks.get(name)
+  info = {}
   for label, source, adapter in models:
-    generate_fn = sampler_generate_fn(source, adapter, dtype, max_batch)
-    generate_all(cfg, label, generate_fn, {"model": source, "adapter": adapter})
+    info[label] = {"model": source, "adapter": adapter, "dtype": dtype, "merge_dtype": merge_dtype}
+    generate_fn = sampler_fns.sampler_generate_fn(source, adapter, dtype, max_batch, merge_dtype)
+    generate_all(cfg, label, generate_fn, info[label])
     del generate_fn
     gc.collect()
-  loaded = judges()
-  return {
-    label: grade_all(cfg, label, loaded, {"model": source, "adapter": adapter})
-    for label, source, adapter in models
-  }
-
-
-# --- the lora_jax sampler as generate_fn and as judges --------------------------------------------
-
-
-def model_generate_fn(model, tokenizer, max_batch: int = 8):
-  """A `generate_fn` over the lora_jax sampler for a model already in memory."""
-
-  def generate_fn(prompts, *, seed, sampling, chat_template, on_result):
-    from lora_jax.sampling import generate_text
-
-    generate_text(
-      model,
-      tokenizer,
-      prompts,
-      max_new_tokens=sampling.max_new_tokens,
-      temperature=sampling.temperature,
-      top_p=sampling.top_p,
-      top_k=0,
-      min_p=0.0,
-      seed=seed,
-      n=sampling.n,
-      stop=sampling.stop,
-      stop_token_ids=(),
-      chat_template=chat_template,
-      max_batch=max_batch,
-      on_result=on_result,
-    )
-
-  return generate_fn
-
-
-def sampler_generate_fn(
-  source: str, adapter: str | None = None, dtype: str = "float32", max_batch: int = 8
-):
-  """A `generate_fn` over the lora_jax sampler. The model loads on the first call (so a rerun
-  with nothing left to generate loads nothing) and is freed with the function."""
-  state = {}
-
-  def generate_fn(prompts, **kwargs):
-    if not state:
-      import lora_jax
-
-      model = lora_jax.load_pretrained(source, dtype=dtype, mesh=None)
-      if adapter:
-        from lora_jax.io.peft import load_peft_adapter
-
-        model = load_peft_adapter(model, adapter)
-      state["fn"] = model_generate_fn(model, lora_jax.load_tokenizer(source), max_batch)
-    state["fn"](prompts, **kwargs)
-
-  return generate_fn
-
-
-def texts_fn(generate_fn, max_new_tokens: int, chat_template: bool):
-  """Adapt a `generate_fn` to a judge: greedy, one text per prompt, in order."""
-  greedy = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
-
-  def run(prompts):
-    texts = [None] * len(prompts)
-    generate_fn(
-      prompts,
-      seed=0,
-      sampling=greedy,
-      chat_template=chat_template,
-      on_result=lambda r: texts.__setitem__(r.index, r.text),
-    )
-    missing = sum(t is None for t in texts)
-    if missing:
-      raise RuntimeError(f"judge returned no text for {missing} of {len(prompts)} prompts")
-    return texts
-
-  return run
-
-
-def sampler_judges(
-  llama_guard_source: str | None,
-  math_judge_source: str | None,
-  dtype: str = "float32",
-  max_batch: int = 8,
-) -> Judges:
-  """Judges running on our sampler: Llama-Guard-3 on its rendered prompts (no second chat
-  template), 512 greedy tokens as the reference; the math re-check judge on chat messages, 20
-  greedy tokens."""
-  from evals.safety import LLAMA_GUARD_MAX_NEW_TOKENS
-
-  guard = math = None
-  if llama_guard_source:
-    guard = texts_fn(
-      sampler_generate_fn(llama_guard_source, None, dtype, max_batch),
-      LLAMA_GUARD_MAX_NEW_TOKENS,
-      chat_template=False,
-    )
-  if math_judge_source:
-    math = texts_fn(
-      sampler_generate_fn(math_judge_source, None, dtype, max_batch), 20, chat_template=True
-    )
-  return Judges(llama_guard=guard, math=math)
+  return {label: grade_all(cfg, label, judges, info[label]) for label, _, _ in models}

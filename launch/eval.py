@@ -2,9 +2,14 @@
 
 Generate, grade and score (resumable: a rerun skips the (task, seed) answers already written)::
 
-    python -m launch.eval --model=SOURCE [--adapter=DIR | --workdir=DIR --steps=all] \\
-        --benchmarks=strongreject,aime24,gpqa_diamond,humaneval_plus,mbpp_plus --seeds=0-7 \\
-        --out=DIR [--data_dir=DIR | --data=aime24=path/test.jsonl ...]
+    python -m launch.eval --preset=reference --model=SOURCE [--adapter=DIR | --workdir=DIR] \\
+        --benchmarks=strongreject,aime24,gpqa_diamond,humaneval_plus,mbpp_plus --out=DIR \\
+        [--data_dir=DIR | --data=aime24=path/test.jsonl ...]
+
+`--preset=reference` reproduces every evaluation setting of the paper's code (Llama-Guard-3-8B,
+Qwen2.5-32B-Instruct re-checking AIME, bfloat16 merged weights, budgets that include the prompt,
+its quirks); `--preset=fast` (the default) runs offline. A flag given explicitly wins over the
+preset (evals/presets.py; the README's table lists the differences).
 
 Answers made by another sampler: render the prompts, sample, grade (the answers file may also be
 EvalPlus samples, lm-eval --log_samples output or an OpenAI batch output; see lora_jax/answers.py)::
@@ -18,11 +23,12 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from evals import benchmarks, external, runner
+from evals import benchmarks, external, presets, runner, sampler_fns
 from launch import common
 
 FLAGS = flags.FLAGS
 
+flags.DEFINE_enum("preset", "fast", list(presets.PRESETS), "Evaluation settings (see README).")
 flags.DEFINE_string("model", None, "Model source: HF hub id, HF directory or GGUF file.")
 flags.DEFINE_string("adapter", None, "LoRA adapter directory to load on top of --model.")
 flags.DEFINE_string("workdir", None, "Training workdir: evaluate its exports/step_N checkpoints.")
@@ -34,8 +40,6 @@ flags.DEFINE_list(
   ["strongreject", "aime24", "gpqa_diamond", "humaneval_plus", "mbpp_plus"],
   f"Benchmarks: {', '.join(benchmarks.REGISTRY)}.",
 )
-flags.DEFINE_string("seeds", "0-7", "Seeds of the reasoning benchmarks: 0-7 or 0,1,2.")
-flags.DEFINE_string("safety_seeds", "0", "Seeds of the safety benchmarks (one answer each).")
 flags.DEFINE_string("out", None, "Output directory (or scores JSON file in grade-only mode).")
 flags.DEFINE_string("data_dir", None, "Local data root laid out like shared/data.")
 flags.DEFINE_multi_string("data", [], "Local file of one benchmark: name=path (repeatable).")
@@ -44,20 +48,6 @@ flags.DEFINE_integer("limit", None, "Only the first N problems of each benchmark
 flags.DEFINE_integer("max_new_tokens", None, "Override every benchmark's token budget.")
 flags.DEFINE_float("temperature", None, "Override every benchmark's temperature.")
 flags.DEFINE_float("top_p", None, "Override every benchmark's top_p.")
-flags.DEFINE_enum(
-  "safety_judge",
-  "refusal_classifier",
-  ["refusal_classifier", "refusal_behaviour", "gcg_keywords", "llama_guard"],
-  "Judge of harmfulness: an offline refusal judge (refused = safe; evals/refusal_judge.py) or "
-  "Llama-Guard-3. Refusal rates use the refusal judge (refusal_classifier with llama_guard).",
-)
-flags.DEFINE_string("judge_model", "meta-llama/Llama-Guard-3-8B", "Llama-Guard-3 source.")
-flags.DEFINE_string(
-  "math_judge_model",
-  None,
-  "LLM re-checking math mismatches (the reference: Qwen/Qwen2.5-32B-Instruct).",
-)
-flags.DEFINE_string("dtype", "float32", "Parameter dtype of the evaluated and judge models.")
 flags.DEFINE_integer("max_batch", 8, "Sequences decoded together.")
 flags.DEFINE_integer("code_workers", 2, "Processes running code tests.")
 flags.DEFINE_string("benchmark", None, "The benchmark of --generations or --write_prompts.")
@@ -65,59 +55,73 @@ flags.DEFINE_string("generations", None, "Grade-only: JSONL of answers to grade.
 flags.DEFINE_string(
   "write_prompts", None, "Write --benchmark's prompts (one row per task and seed) to this JSONL."
 )
+# Settings a preset decides (None: the preset's value; given explicitly, the flag wins).
+for _name in presets.FIELDS:
+  _default = getattr(presets.PRESETS["fast"], _name)
+  _define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer}.get(type(_default))
+  (_define or flags.DEFINE_string)(_name, None, presets.flag_help(_name))
+
+
+def _settings() -> presets.Settings:
+  given = {name: FLAGS[name].value for name in presets.FIELDS if FLAGS[name].present}
+  return presets.resolve(FLAGS.preset, **given)
+
+
+def _value(result: dict, key: str) -> str:
+  value = result[key]
+  if value["mean"] is None:
+    return f"{key} = n/a"
+  return f"{key} = {value['mean']:.4f} [{value['ci_low']:.4f}, {value['ci_high']:.4f}]"
 
 
 def _summary(result: dict) -> str:
-  value = result[result["primary"]]
-  if value["mean"] is None:
-    return f"{result['primary']} = n/a"
-  return (
-    f"{result['primary']} = {value['mean']:.4f} "
-    f"[{value['ci_low']:.4f}, {value['ci_high']:.4f}] (n={value['n']})"
-  )
+  """The headline with its CI and n, the rule-based figure beside an LLM re-check's, the judge."""
+  out = f"{_value(result, result['primary'])} (n={result[result['primary']]['n']})"
+  if result["primary"] == "pass@1_llm":
+    out += f"; rule-based {_value(result, 'pass@1')}"
+  judge = result.get("judge_model") or result.get("judge")
+  return out + (f"; judge: {judge}" if result["kind"] == "safety" and judge else "")
 
 
-def _judges() -> runner.Judges:
-  guard = FLAGS.judge_model if FLAGS.safety_judge == "llama_guard" else None
-  judges = runner.sampler_judges(guard, FLAGS.math_judge_model, FLAGS.dtype, FLAGS.max_batch)
-  if not guard:
-    judges.refusal = FLAGS.safety_judge
-  return judges
-
-
-def _grade_only() -> None:
+def _grade_only(settings: presets.Settings) -> None:
   if not (FLAGS.benchmark and FLAGS.generations and FLAGS.out):
     raise ValueError("grade-only needs --benchmark, --generations and --out")
   name = FLAGS.benchmark
+  data = runner.parse_data(FLAGS.data)
   scores = external.grade_only(
     name,
     FLAGS.generations,
     FLAGS.out,
-    data_path=benchmarks.resolve_path(name, runner.parse_data(FLAGS.data), FLAGS.data_dir),
+    data_path=benchmarks.resolve_path(name, data, FLAGS.data_dir, settings.reference_data),
     template=FLAGS.template,
-    judges=_judges(),
+    judges=sampler_fns.sampler_judges(settings, FLAGS.max_batch),
     code_workers=FLAGS.code_workers,
+    rules=settings.answer_rules,
+    preset=settings.preset,
   )
   print(f"{name}: {_summary(scores['benchmarks'][name])} -> {FLAGS.out}")
 
 
-def _write_prompts() -> None:
+def _write_prompts(settings: presets.Settings) -> None:
   if not FLAGS.benchmark:
     raise ValueError("--write_prompts needs --benchmark")
-  n, s = external.write_prompts(_config((FLAGS.benchmark,)), FLAGS.benchmark, FLAGS.write_prompts)
+  cfg = _config(settings, (FLAGS.benchmark,))
+  n, s = external.write_prompts(cfg, FLAGS.benchmark, FLAGS.write_prompts)
   stops = "".join(f" --stop={x}" for x in s.stop)
+  notes = [f"prompt + answer at most {s.max_model_len} tokens"] * bool(s.max_model_len)
+  notes += ["the tokenizer's BOS added after the template's (two BOS)"] * s.add_special_tokens
   print(
     f"wrote {n} prompts to {FLAGS.write_prompts}; the benchmark samples them with "
     f"--max_new_tokens={s.max_new_tokens} --temperature={s.temperature} --top_p={s.top_p}{stops}"
+    + "".join(f"; {x}" for x in notes)
   )
 
 
-def _config(names: tuple[str, ...]) -> runner.EvalConfig:
-  return runner.EvalConfig(
-    benchmarks=names,
+def _config(settings: presets.Settings, names: tuple[str, ...]) -> runner.EvalConfig:
+  return presets.eval_config(
+    settings,
+    names,
     out_dir=FLAGS.out or "",
-    seeds=runner.parse_seeds(FLAGS.seeds, "seeds"),
-    safety_seeds=runner.parse_seeds(FLAGS.safety_seeds, "safety_seeds"),
     template=FLAGS.template,
     data_paths=runner.parse_data(FLAGS.data),
     data_dir=FLAGS.data_dir,
@@ -129,10 +133,10 @@ def _config(names: tuple[str, ...]) -> runner.EvalConfig:
   )
 
 
-def _evaluate() -> None:
+def _evaluate(settings: presets.Settings) -> None:
   if not FLAGS.out:
     raise ValueError("--out is required")
-  cfg = _config(tuple(FLAGS.benchmarks))
+  cfg = _config(settings, tuple(FLAGS.benchmarks))
   models = runner.resolve_models(
     model=FLAGS.model,
     adapter=FLAGS.adapter,
@@ -142,7 +146,12 @@ def _evaluate() -> None:
     label=FLAGS.label,
   )
   scores = runner.evaluate_models(
-    cfg, models, _judges, dtype=FLAGS.dtype, max_batch=FLAGS.max_batch
+    cfg,
+    models,
+    sampler_fns.sampler_judges(settings, FLAGS.max_batch),  # a missing judge fails here
+    dtype=settings.dtype,
+    max_batch=FLAGS.max_batch,
+    merge_dtype=settings.merge_dtype,
   )
   for label, result in scores.items():
     for name, value in result["benchmarks"].items():
@@ -152,12 +161,13 @@ def _evaluate() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  settings = _settings()
   if FLAGS.write_prompts:
-    _write_prompts()
+    _write_prompts(settings)
   elif FLAGS.generations or FLAGS.benchmark:
-    _grade_only()
+    _grade_only(settings)
   else:
-    _evaluate()
+    _evaluate(settings)
 
 
 if __name__ == "__main__":

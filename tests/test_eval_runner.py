@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 import evals
-from evals import benchmarks, external, gpqa, runner
+from evals import benchmarks, external, gpqa, runner, sampler_fns
 from lora_jax import jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -216,17 +216,18 @@ def test_grade_only(tmp_path):
   # The reference's second stage: a judge re-checks the extracted mismatch ("999") only.
   asked = []
 
-  def judge(conversations):
-    asked.extend(c[-1]["content"] for c in conversations)
+  def judge(prompts):
+    asked.extend(prompts)
     return ["True"]
 
-  scores = external.grade_only(
-    "aime24", str(gens), str(out), data_path=AIME24, judges=runner.Judges(math=judge)
-  )
+  judges = runner.Judges(math=judge, math_model="org/judge")
+  scores = external.grade_only("aime24", str(gens), str(out), data_path=AIME24, judges=judges)
   result = scores["benchmarks"]["aime24"]
   assert len(asked) == 1 and "Model's Generated Answer: 999" in asked[0]
-  assert result["pass@1"]["mean"] == pytest.approx(0.5)
+  assert result["primary"] == "pass@1_llm" and result["math_judge_model"] == "org/judge"
+  assert result["pass@1"]["mean"] == pytest.approx(0.5)  # the rule-based figure, beside it
   assert result["pass@1_llm"]["mean"] == pytest.approx((0.5 + 1 + 1) / 3)
+  assert result["n_llm_rechecked"] == 1
 
 
 def test_grade_only_cli(tmp_path):
@@ -473,7 +474,7 @@ def test_judge_adapter_keeps_prompt_order():
     for i in reversed(range(len(prompts))):  # answers finish out of order
       on_result(Result(i, 0, prompts[i].upper()))
 
-  judge = runner.texts_fn(generate_fn, 512, chat_template=False)
+  judge = sampler_fns.texts_fn(generate_fn, 512, chat_template=False)
   assert judge(["a", "b", "c"]) == ["A", "B", "C"]
 
 
@@ -485,12 +486,12 @@ def test_eval_cli_plumbing(tmp_path):
 from types import SimpleNamespace
 
 from absl import app
-from evals import runner
+from evals import sampler_fns
 
 made = []
 
-def fake_sampler(source, adapter, dtype, max_batch):
-    made.append((source, adapter, dtype, max_batch))
+def fake_sampler(source, adapter, dtype, max_batch, merge_dtype):
+    made.append((source, adapter, dtype, max_batch, merge_dtype))
 
     def generate_fn(prompts, *, seed, sampling, chat_template, on_result):
         for i in range(len(prompts)):
@@ -498,7 +499,7 @@ def fake_sampler(source, adapter, dtype, max_batch):
                                       finish_reason="stop", token_ids=(1,), num_prompt_tokens=3))
     return generate_fn
 
-runner.sampler_generate_fn = fake_sampler
+sampler_fns.sampler_generate_fn = fake_sampler
 from launch import eval as launch_eval
 try:
     app.run(launch_eval.main, argv=["launch.eval", "--model=org/fake", "--limit=2",
@@ -510,7 +511,7 @@ finally:
   done = subprocess.run(
     [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300
   )
-  assert "made [('org/fake', None, 'float32', 4)]" in done.stdout, done.stderr
+  assert "made [('org/fake', None, 'float32', 4, 'none')]" in done.stdout, done.stderr
   assert "base aime24: pass@1 = 0.0000" in done.stdout
   assert "base strongreject: safety_score = 1.0000" in done.stdout
   scores = json.loads((out / "base" / "scores.json").read_text())

@@ -62,33 +62,45 @@ def test_reference_and_lighteval_prompts():
   )
 
 
+# The reference's cascade (mcq_metric_gpqa.py, extract_answer), its rules in order, each case
+# worked out by hand from the reference's code: 1. the last box's first capital after
+# upper-casing; 2. "Final Answer" / "Answer" / "Answer is" + letter (case-insensitive pattern,
+# case-sensitive check, the last match only); 3.-5. "The (correct|final) answer is X".
 @pytest.mark.parametrize(
   "text,letter",
   [
-    ("<think>maybe A</think>\nFinal Answer: \\boxed{C}", "C"),
-    ("Final Answer: \\boxed{\\text{B}}", "B"),
+    ("<think>maybe A</think>\nFinal Answer: \\boxed{C}", "C"),  # rule 1
+    ("Answer: A ... \\boxed{C}", "C"),  # rule 1 before rule 2
+    ("\\boxed{A} was wrong; Final Answer: C", "A"),
+    ("\\boxed{A} ... \\boxed{D}", "D"),  # the last box
     ("\\boxed{(D)}", "D"),
-    ("\\boxed{b}", "B"),
-    ("**Final Answer:** A", "A"),
-    ("FINAL ANSWER: (d)", "D"),
-    ("final answer is **C**.", "C"),
+    ("\\boxed{b}", "B"),  # upper-cased in rule 1
+    ("\\boxed {C}", "C"),  # "\\boxed " (a space) is a box too
+    ("\\fbox{B}", "B"),
+    ("\\boxed{Answer B}", "A"),  # quirk: the first capital of the box
+    ("Final Answer: \\boxed{\\text{B}}", None),  # quirk: "\\TEXT{B}" reads T, no rule matches
+    ("Answer: C", "C"),  # rule 2: the bare "Answer: X"
+    ("AnswerD", "D"),  # rule 2: spaces and colon are optional
+    ("Final Answer: B. Hmm, the answer is D", "D"),  # rule 2's last match
     ("After all that, the answer is (B).", "B"),
-    ("The Answer Is \\textbf{A}", "A"),
-    ("\\boxed{A} was wrong; Final Answer: C", "A"),  # \boxed comes first in the cascade
-    ("Final Answer: B. Hmm, the answer is D", "B"),  # Final Answer before 'the answer is'
-    ("\\boxed{A} ... \\boxed{D}", "D"),  # the last of a rule's matches
+    ("Final Answer: Bob", "B"),  # quirk: the B of "Bob"
+    ("FINAL ANSWER: (d)", None),  # rule 2 finds "d": not a capital choice
+    ("final answer is **C**.", None),  # rule 2 finds the "i" of "is"
+    ("**Final Answer:** A", None),  # "**" between the colon and the letter
+    ("The Answer Is \\textbf{A}", None),  # rule 2 finds "I", rule 3 a backslash
+    ("The answer is B. Answers vary.", "B"),  # rule 2 ends on "s" of Answers: rule 3 reads B
     ("the answer is a bit unclear", None),
-    ("Final Answer: Bob", None),
-    ("Answer: C", None),  # only the lighteval template asks for this form
     ("", None),
   ],
 )
 def test_reference_cascade(text, letter):
-  assert gpqa.extract_letter(text) == letter
+  assert gpqa.extract_letter(text) == letter == gpqa.reference_letter(text)
 
 
 def test_lighteval_answer_line():
   assert gpqa.extract_letter("reasoning...\nAnswer: C", "lighteval") == "C"
+  assert gpqa.extract_letter("Final Answer: \\boxed{\\text{B}}", "lighteval") == "B"
+  assert gpqa.extract_letter("the answer is a bit unclear", "lighteval") is None
 
 
 def test_grade_gpqa():

@@ -133,15 +133,94 @@ def test_math500_wrong_answers_grade_wrong():
 def test_llm_recheck_hook():
   seen = []
 
-  def judge(conversations):
-    seen.extend(conversations)
+  def judge(prompts):
+    seen.extend(prompts)
     return ["True", " False.", "I am not sure"]
 
   items = [("What is 1/2?", "\\frac12", "0.50"), ("p", "3", "4"), ("q", "x", "y")]
   assert mg.llm_recheck(items, judge) == [True, False, None]
-  assert seen[0][0]["role"] == "system" and seen[0][1]["role"] == "user"
-  assert "Correct Answer: \\frac12\nModel's Generated Answer: 0.50" in seen[0][1]["content"]
+  assert seen[0] == mg.judge_prompt(*items[0])
   assert mg.llm_recheck([], judge) == []
+
+
+def test_judge_prompt_is_the_reference_text():
+  """check_answers_with_llm's input_text in math_metric_llm_eval_general.py, as written there."""
+  assert mg.judge_prompt("What is $1+1$?", "2", "3") == (
+    "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    "<|im_end|>\n<|im_start|>user\nGiven a math problem, its correct answer, and the model's "
+    "generated answer, determine if the model's generated answer is correct. Respond with 'True' "
+    "if the answer is correct and 'False' if it is incorrect. Directly provide your judgement "
+    "'True' or 'False' without any other description.\nProblem: What is $1+1$?\n"
+    "Correct Answer: 2\nModel's Generated Answer: 3\nYour judgement:<|im_end|>\n"
+    "<|im_start|>assistant\n"
+  )
+
+
+# The reference's extraction (remove_boxed(last_boxed_only_string(..))), its quirks included.
+@pytest.mark.parametrize(
+  "text,expected",
+  [
+    ("so \\boxed{\\frac{1}{2}} done", "\\frac{1}{2}"),
+    ("first \\boxed{1} then \\boxed{2}", "2"),
+    ("\\fbox{12}", "12"),
+    ("cut off \\boxed{\\frac{1}{", None),  # the last box never closes: no answer
+    ("$\\boxed 5$ and later \\boxed{7}", "5"),  # quirk: any "\\boxed " wins
+    ("\\boxed 5\nmore text", "5\nmore text"),  # quirk: up to the next "$" only
+    ("\\fbox{3} then \\boxed{4}", "4"),  # \\fbox only when there is no \\boxed
+    ("\\boxed\n{5}", "{5"),  # quirk: the first 7 characters are cut, whatever they are
+    ("\\boxed{\\fbox{1}}", None),  # the reference's assert stopped its script here
+    ("no answer: 42", None),
+    ("", None),
+  ],
+)
+def test_reference_boxed(text, expected):
+  assert mg.reference_boxed(text) == expected
+
+
+@pytest.mark.parametrize(
+  "pred,gold,expected",
+  [
+    ("\\dfrac{1}{2}", "\\frac12", (True, "is_equiv")),
+    ("0.5", "\\frac{1}{2}", (True, "is_equiv")),
+    ("033", "33", (False, "is_equiv")),  # no integer rule in the reference
+    ("10 \\text{inches}", "10", (False, "is_equiv")),  # no Minerva rule
+    ("\\frac{2}{4}", "\\frac{1}{2}", (False, "is_equiv")),  # no math-verify
+    # where the reference's strip_string raises, the raw strings are compared
+    ("x/2", "x/2", (True, "is_equiv_raw")),
+    ("x / 2", "x/2", (False, "is_equiv_raw")),
+    ("1\\text{ a}\\text{ b}", "1", (False, "is_equiv_raw")),
+    ("2\\sqrt", "2\\sqrt", (True, "is_equiv_raw")),
+  ],
+)
+def test_reference_is_equiv(pred, gold, expected):
+  assert mg.reference_is_equiv(pred, gold) == expected
+
+
+def test_strict_strip_string_only_differs_where_the_reference_raises():
+  assert mg.strip_string("x/2") == "x/2"  # total
+  with pytest.raises(ValueError):
+    mg.strip_string("x/2", strict=True)
+  assert mg.strip_string("\\frac{3}{4}", strict=True) == mg.strip_string("\\frac{3}{4}")
+
+
+def test_aime24_by_the_reference_rules():
+  rows = _rows(AIME24)
+  padded_golds = []
+  for row in rows:
+    gold, value = row["answer"], int(row["answer"])
+    right = mg.grade_math_reference(THINK + f"Final Answer: \\boxed{{{gold}}}", gold)
+    assert right == {"extracted": gold, "correct": True, "rule": "is_equiv"}
+    # The file writes 7 golds with a leading zero ("025"): the reference's rules call the
+    # model's "25" a mismatch and leave it to its LLM re-check (the extended rules do not).
+    plain = mg.grade_math_reference(f"\\boxed{{{value}}}", gold)
+    assert plain["correct"] is (gold == str(value)), (gold, plain)
+    if gold != str(value):
+      padded_golds.append(gold)
+      assert plain["rule"] == "mismatch"
+      assert mg.grade_math(f"\\boxed{{{value}}}", gold, integer_gold=True)["correct"]
+    none = mg.grade_math_reference(f"<think>x</think>Final Answer: {value}", gold)
+    assert none == {"extracted": None, "correct": False, "rule": "no_answer"}
+  assert padded_golds == ["025", "073", "023", "045", "033", "080", "055"]
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,10 @@ Select a model and a mode with the config string, in the reference's own mode na
   --config=configs/paper/lora.py:7b,lora_up_proj_only_from16_to31_r1
   --config=configs/paper/ortho.py:14b,lora_mlp_orthogonal_norm_r1_beta0.1_k16
   --config=configs/paper/full.py:7b
+
+These configs hold the training settings only. The reference's evaluation settings (judges,
+budgets, bfloat16 merge, answer rules, data files) are one preset of the evaluator:
+`python -m launch.eval --preset=reference ...` (evals/presets.py; README, "Reference vs fast").
 """
 
 from configs import base

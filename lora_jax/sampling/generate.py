@@ -21,15 +21,26 @@ def requests_for(
   n: int = 1,
   skip=frozenset(),
   stops_for=None,
+  max_total_tokens: int | None = None,
 ) -> list[Request]:
   """n requests per prompt, prompt-major; (index, sample) pairs in `skip` are left out.
-  stops_for(): a fresh StopStrings tracker per request (or None)."""
+  stops_for(): a fresh StopStrings tracker per request (or None). max_total_tokens: prompt +
+  answer at most this long (each answer's budget shrinks by its prompt's length)."""
   sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
   check_sampling(max_new_tokens=max_new_tokens, **sampling, n=n)
+  budgets = [max_new_tokens] * len(prompt_ids)
+  if max_total_tokens is not None:
+    budgets = [min(max_new_tokens, max_total_tokens - len(p)) for p in prompt_ids]
+    for i, budget in enumerate(budgets):
+      if budget < 1:
+        raise SamplingError(
+          f"prompt {i} has {len(prompt_ids[i])} tokens: no room for an answer within "
+          f"max_total_tokens={max_total_tokens}"
+        )
   return [
     Request(
       list(map(int, p)),
-      max_new_tokens,
+      budgets[i],
       index=i,
       sample=s,
       **sampling,

@@ -4,6 +4,8 @@ Chat prompts are rendered with `apply_chat_template(..., add_generation_prompt=T
 tokenize=False)` and encoded without adding special tokens again: templates already write the BOS
 where the model wants one (DeepSeek-R1's does, SmolLM2's has none), so adding it would double it.
 Raw-text prompts (chat_template=False) are encoded as the tokenizer does by default.
+`add_special_tokens=True` adds the tokenizer's BOS to a rendered chat prompt as well: two BOS, as
+vLLM's `generate(prompt_string)` gave them (the reference evaluation did so on purpose or not).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from lora_jax.sampling.memory import SamplingError
 from lora_jax.sampling.stops import StopStrings, truncate_at_stop
 
 
-def encode_prompts(tokenizer, prompts: Sequence, chat_template: bool = True) -> list[list[int]]:
+def encode_prompts(
+  tokenizer, prompts: Sequence, chat_template: bool = True, add_special_tokens: bool = False
+) -> list[list[int]]:
   """Token ids of each prompt: a string, or a list of {"role", "content"} messages."""
   out = []
   for i, p in enumerate(prompts):
@@ -40,7 +44,7 @@ def encode_prompts(tokenizer, prompts: Sequence, chat_template: bool = True) -> 
         "pass raw-text prompts with chat_template=False"
       )
     text = tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=False)
-    out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    out.append(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
   return out
 
 
@@ -65,16 +69,20 @@ def generate_text(
   max_cache_gb: float | None = None,
   skip: Iterable[tuple[int, int]] = (),
   skip_special_tokens: bool = True,
+  max_total_tokens: int | None = None,
+  add_special_tokens: bool = False,
 ) -> list[Completion]:
   """Answers to `prompts` (n per prompt), sorted by (index, sample); `on_result` is called with
   each as it finishes. Generation stops at the model's and tokenizer's eos ids, `stop_token_ids`,
   any string in `stop` (across token boundaries; the text is cut before it) or max_new_tokens.
-  `skip`: (index, sample) pairs not to generate (already done by an earlier, interrupted run)."""
+  `skip`: (index, sample) pairs not to generate (already done by an earlier, interrupted run).
+  `max_total_tokens` caps prompt + answer (vLLM's max_model_len): an answer gets at most
+  max_total_tokens - its prompt's length new tokens. `add_special_tokens`: see the module doc."""
   if isinstance(stop, str):
     stop = (stop,)
   stop = tuple(s for s in stop if s)
   decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-  ids = encode_prompts(tokenizer, prompts, chat_template)
+  ids = encode_prompts(tokenizer, prompts, chat_template, add_special_tokens)
   reqs = requests_for(
     ids,
     max_new_tokens,
@@ -86,6 +94,7 @@ def generate_text(
     n=n,
     skip=frozenset(map(tuple, skip)),
     stops_for=(lambda: StopStrings(stop, decode)) if stop else None,
+    max_total_tokens=max_total_tokens,
   )
   eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
   results = []
