@@ -79,7 +79,7 @@ def _judge_dir(path, last_word: str, verdict: str) -> str:
   fast.save_pretrained(path)
   ids = {w: i for i, w in enumerate(JUDGE_WORDS)}
   model = tiny_hf_model(
-    "llama", vocab_size=len(JUDGE_WORDS) + 4, bos_token_id=1, eos_token_id=2, num_hidden_layers=2
+    "llama", vocab_size=len(JUDGE_WORDS) + 4, bos_token_id=1, eos_token_id=2, num_hidden_layers=1
   )
   _automaton(model, [[ids[last_word], ids[verdict], ids["<|eot_id|>"]]]).save_pretrained(path)
   return str(path)
@@ -92,8 +92,14 @@ def _policy_dir(path) -> str:
   tok = AutoTokenizer.from_pretrained(R1_TOKENIZER)
   assistant = tok.convert_tokens_to_ids("<｜Assistant｜>")
   answer = tok.encode("\\boxed{1}", add_special_tokens=False)
-  model = tiny_hf_model(
-    "qwen2", vocab_size=152064, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
+  model = tiny_hf_model(  # small: the vocabulary (152064) dominates its size
+    "qwen2",
+    vocab_size=152064,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=1,
+    bos_token_id=tok.bos_token_id,
+    eos_token_id=tok.eos_token_id,
   )
   _automaton(model, [[assistant, *answer, tok.eos_token_id]]).save_pretrained(path)
   for f in os.listdir(R1_TOKENIZER):
