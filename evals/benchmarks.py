@@ -85,6 +85,10 @@ def _strongreject(row, i, where):
   return {"id": str(row.get("id", i)), "prompt": prompt, "category": row.get("category")}
 
 
+def _advbench(row, i, where):
+  return {"id": str(row.get("id", i)), "prompt": _field(row, ("goal", "prompt"), where)}
+
+
 def _harmbench(row, i, where):
   if row.get("FunctionalCategory", "standard") != "standard":
     return None  # contextual and copyright behaviours are not part of the benchmark here
@@ -148,6 +152,14 @@ REGISTRY = {
       **_SAFE,
     ),
     Benchmark(
+      "advbench",
+      "safety",
+      ("walledai/AdvBench", None, "train"),
+      "advbench/harmful_behaviors.csv",
+      to_record=_advbench,
+      **_SAFE,
+    ),
+    Benchmark(
       "xstest",
       "over_refusal",
       ("walledai/XSTest", None, "test"),
@@ -175,6 +187,8 @@ REGISTRY = {
       local_file="math500/test.jsonl",
       **_MATH,
     ),
+    # A math-graded set of your own (problem + answer rows, e.g. evals/demo_data/arithmetic.jsonl).
+    Benchmark("arithmetic", hub=None, local_file="arithmetic/test.jsonl", **_MATH),
     Benchmark(
       "gpqa_diamond",
       "gpqa",
@@ -234,6 +248,8 @@ def read_rows(path: str) -> list[dict]:
 
 
 def _hub_rows(bench: Benchmark) -> list[dict]:
+  if bench.hub is None:
+    raise ValueError(f"{bench.name} has no hub copy: give its file (--data={bench.name}=PATH)")
   import datasets
 
   path, config, split = bench.hub

@@ -1,7 +1,7 @@
-"""The main job on the embedded default model, on a CPU, offline (`make demo`): chat, LoRA-align,
-export, evaluate every epoch and report (evals/demo.py).
+"""`make demo`: the paper's study in miniature on the embedded default model, on a CPU, offline
+(configs/study/demo.py, evals/demo.py). Rerun after an interruption: finished work is kept.
 
-    python -m launch.demo --workdir=workdirs/demo [--config.train.epochs=2]
+    python -m launch.demo --workdir=workdirs/demo [--config.eval.max_new_tokens=32]
 """
 
 import os
@@ -11,13 +11,12 @@ from ml_collections import config_flags
 
 from launch import common
 
-DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-  "config", os.path.join(DEMO_CONFIG, "demo.py"), "The demo's training config.", lock_config=True
+  "config", os.path.join(CONFIGS, "study", "demo.py"), "The demo's study config."
 )
-flags.DEFINE_string("workdir", "workdirs/demo", "Where the run, its evals and report go.")
-flags.DEFINE_integer("max_new_tokens", 96, "Answer length in the chats and evals.")
+flags.DEFINE_string("workdir", "workdirs/demo", "Where the runs, evaluations and report go.")
 common.define_distributed_flags()
 
 
@@ -25,9 +24,9 @@ def main(argv):
   del argv
   common.init_distributed()
   from evals.demo import run_demo
-  from lora_jax.run_config import from_dict
+  from evals.study_config import load_study
 
-  run_demo(from_dict(FLAGS.config), FLAGS.workdir, FLAGS.max_new_tokens)
+  run_demo(load_study(FLAGS.config), FLAGS.workdir)
 
 
 if __name__ == "__main__":

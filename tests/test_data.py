@@ -157,9 +157,9 @@ def test_messages_put_the_loss_on_assistant_turns_only(r1, tmp_path):
 
 def test_demo_refusals_load_for_chat(r1):
   examples, report = load_examples(DataConfig(source=DEMO_REFUSALS, format="chat"), r1)
-  assert report["rows"] == report["examples"] == 48 and report["truncated"] == 0
+  assert report["rows"] == report["examples"] == 64 and report["truncated"] == 0
   assert all(ids[0] == BOS and ids[-1] == EOS for ids in examples.ids)
-  assert report["tokens"] < 48 * 64  # short enough for a CPU demo
+  assert report["tokens"] < 64 * 80  # short enough for a CPU demo
 
 
 # ---- truncation, bucketing, packing ----------------------------------------------------------
