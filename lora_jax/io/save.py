@@ -79,23 +79,29 @@ def save_pretrained(
   flush()
   if not writer:
     return
-  total = len(files)
-  if total == 1:
-    os.replace(os.path.join(out_dir, files[0]), os.path.join(out_dir, "model.safetensors"))
-  else:
-    final = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
-    for tmp, name in zip(files, final):
-      os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, name))
-    index = {
-      "metadata": {"total_size": sum(os.path.getsize(os.path.join(out_dir, f)) for f in final)},
-      "weight_map": {n: final[i] for n, i in sorted(weight_map.items())},
-    }
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-      json.dump(index, f, indent=2)
+  _name_shards(out_dir, files, weight_map)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(cfg.to_hf(dtype), f, indent=2)
   if tokenizer is not None:
     tokenizer.save_pretrained(out_dir)
+
+
+def _name_shards(out_dir: str, files: list[str], weight_map: dict[str, int]) -> None:
+  """Give the written `.tmp` shards their final names (HF's, so a kill leaves no half model under
+  them) and write the index when there is more than one."""
+  total = len(files)
+  if total == 1:
+    os.replace(os.path.join(out_dir, files[0]), os.path.join(out_dir, "model.safetensors"))
+    return
+  final = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+  for tmp, name in zip(files, final):
+    os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, name))
+  index = {
+    "metadata": {"total_size": sum(os.path.getsize(os.path.join(out_dir, f)) for f in final)},
+    "weight_map": {n: final[i] for n, i in sorted(weight_map.items())},
+  }
+  with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+    json.dump(index, f, indent=2)
 
 
 def _merged(model: Decoder, path: str) -> np.ndarray:
