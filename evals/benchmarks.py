@@ -338,6 +338,7 @@ def grade(
   llama_guard_fn=None,
   math_judge_fn=None,
   code_workers: int = 2,
+  code_isolation: str = "auto",
   refusal_judge: str = refusal_judge_lib.DEFAULT_REFUSAL_JUDGE,
   rules: str = "extended",
 ) -> list[dict]:
@@ -350,7 +351,7 @@ def grade(
 
   `refusal_judge` names the offline judge (`evals.refusal_judge`): it decides `refusal` on the
   safety and over-refusal benchmarks, and without Llama-Guard it is the safety judge (refused =
-  safe). `llama_guard_fn(prompts) -> texts` makes Llama-Guard-3 the safety judge;
+  safe). `code_isolation`: the code sandbox's (`evals.sandbox.ISOLATIONS`). `llama_guard_fn(prompts) -> texts` makes Llama-Guard-3 the safety judge;
   `math_judge_fn(prompt_texts) -> texts` re-checks math mismatches with an LLM
   (`llm_correct`).
   """
@@ -358,7 +359,7 @@ def grade(
     raise ValueError(f"answer rules {rules!r}; expected one of {', '.join(ANSWER_RULES)}")
   bench = get(name)
   if bench.kind == "code":
-    return _grade_code(name, records, samples, code_workers)
+    return _grade_code(name, records, samples, code_workers, code_isolation)
   refusals = refusal_judge_lib.get(refusal_judge)
   out = []
   for s in samples:
@@ -388,10 +389,12 @@ def grade(
 ANSWER_RULES = ("reference", "extended")
 
 
-def _grade_code(name: str, records: dict, samples: list[dict], workers: int) -> list[dict]:
+def _grade_code(
+  name: str, records: dict, samples: list[dict], workers: int, isolation: str
+) -> list[dict]:
   from evals import code_grader
 
-  results = code_grader.grade_code(name, records, samples, workers=workers)
+  results = code_grader.grade_code(name, records, samples, workers=workers, isolation=isolation)
   # One result per sample, in the samples' order (grade_code's contract).
   if [str(r["task_id"]) for r in results] != [str(s["task_id"]) for s in samples]:
     raise RuntimeError(f"{name}: grade_code's results do not match the samples in order")

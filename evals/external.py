@@ -70,6 +70,7 @@ def grade_only(
   template: str = "reference",
   judges: runner.Judges | None = None,
   code_workers: int = 2,
+  code_isolation: str = "auto",
   rules: str = "extended",
   preset: str | None = None,
 ) -> dict:
@@ -78,7 +79,14 @@ def grade_only(
   records = benchmarks.load(name, data_path)
   samples = read_generations(generations_path, records, name)
   graded, result = runner.grade_and_score(
-    name, records, samples, template, judges or runner.Judges(), code_workers, rules
+    name,
+    records,
+    samples,
+    template,
+    judges or runner.Judges(),
+    code_workers,
+    rules,
+    code_isolation=code_isolation,
   )
   stem = out_path[:-5] if out_path.endswith(".json") else out_path
   jsonl.write_atomic(stem + ".graded.jsonl", graded)

@@ -50,6 +50,7 @@ class EvalConfig:
   temperature: float | None = None
   top_p: float | None = None
   code_workers: int = 2
+  code_isolation: str = "auto"  # evals.sandbox.ISOLATIONS
   max_model_len: int | None = None  # reasoning: prompt + answer at most this (vLLM max_model_len)
   safety_double_bos: bool = False  # safety: the tokenizer's BOS after the template's (quirk)
   answer_rules: str = "extended"  # benchmarks.ANSWER_RULES
@@ -236,6 +237,8 @@ def grade_and_score(
   judges: Judges,
   code_workers: int = 2,
   rules: str = "extended",
+  *,
+  code_isolation: str = "auto",
 ) -> tuple[list[dict], dict]:
   graded = benchmarks.grade(
     name,
@@ -245,6 +248,7 @@ def grade_and_score(
     llama_guard_fn=judges.llama_guard,
     math_judge_fn=judges.math,
     code_workers=code_workers,
+    code_isolation=code_isolation,
     refusal_judge=judges.refusal,
     rules=rules,
   )
@@ -286,7 +290,14 @@ def grade_all(cfg: EvalConfig, label: str, judges: Judges, model_info: dict) -> 
       log.warning("%s/%s: no answers to grade in %s", label, name, gen_path)
       continue
     graded, result = grade_and_score(
-      name, records, samples, cfg.template, judges, cfg.code_workers, cfg.answer_rules
+      name,
+      records,
+      samples,
+      cfg.template,
+      judges,
+      cfg.code_workers,
+      cfg.answer_rules,
+      code_isolation=cfg.code_isolation,
     )
     jsonl.write_atomic(os.path.join(cfg.out_dir, label, "graded", name + ".jsonl"), graded)
     scores["benchmarks"][name] = result

@@ -113,7 +113,7 @@ class Sandbox:
   ):
     if workers < 1:
       raise ValueError(f"sandbox workers must be >= 1, got {workers}")
-    mode = _first_isolation(isolation)
+    mode = check_isolation(isolation)
     self.limits = limits
     root = os.geteuid() == 0
     self._uid_locks = claim_uids(workers, uid_base) if root else []
@@ -265,8 +265,9 @@ class _NoServer(Exception):
   """The fork server did not start; the message is its reason."""
 
 
-def _first_isolation(isolation: str) -> str:
-  """The isolation to try first; raises on one this process cannot have."""
+def check_isolation(isolation: str) -> str:
+  """The isolation to try first; raises (one line) on one this process cannot have, so a launcher
+  can refuse a bad choice before it spends hours generating answers."""
   if isolation not in ISOLATIONS:
     raise ValueError(
       f"unknown sandbox isolation {isolation!r}; expected one of {', '.join(ISOLATIONS)}"

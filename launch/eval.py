@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from evals import benchmarks, external, presets, runner, sampler_fns
+from evals import benchmarks, external, presets, runner, sampler_fns, sandbox
 from launch import common
 
 FLAGS = flags.FLAGS
@@ -50,6 +50,13 @@ flags.DEFINE_float("temperature", None, "Override every benchmark's temperature.
 flags.DEFINE_float("top_p", None, "Override every benchmark's top_p.")
 flags.DEFINE_integer("max_batch", 8, "Sequences decoded together.")
 flags.DEFINE_integer("code_workers", 2, "Processes running code tests.")
+flags.DEFINE_enum(
+  "sandbox",
+  "auto",
+  list(sandbox.ISOLATIONS),
+  "Code sandbox isolation: auto (root: uid drop + namespaces; ordinary user: user namespaces;\n"
+  "else separate processes with limits, with a warning), or one forced (BUILD.md).",
+)
 flags.DEFINE_string("benchmark", None, "The benchmark of --generations or --write_prompts.")
 flags.DEFINE_string("generations", None, "Grade-only: JSONL of answers to grade.")
 flags.DEFINE_string(
@@ -96,6 +103,7 @@ def _grade_only(settings: presets.Settings) -> None:
     template=FLAGS.template,
     judges=sampler_fns.sampler_judges(settings, FLAGS.max_batch),
     code_workers=FLAGS.code_workers,
+    code_isolation=FLAGS.sandbox,
     rules=settings.answer_rules,
     preset=settings.preset,
   )
@@ -130,6 +138,7 @@ def _config(settings: presets.Settings, names: tuple[str, ...]) -> runner.EvalCo
     temperature=FLAGS.temperature,
     top_p=FLAGS.top_p,
     code_workers=FLAGS.code_workers,
+    code_isolation=FLAGS.sandbox,
   )
 
 
@@ -162,6 +171,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   settings = _settings()
+  sandbox.check_isolation(FLAGS.sandbox)  # before any answer is generated
   if FLAGS.write_prompts:
     _write_prompts(settings)
   elif FLAGS.generations or FLAGS.benchmark:

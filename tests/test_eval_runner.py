@@ -517,3 +517,46 @@ finally:
   scores = json.loads((out / "base" / "scores.json").read_text())
   assert scores["model"] == "org/fake" and scores["adapter"] is None
   assert scores["benchmarks"]["aime24"]["n_samples"] == 4
+
+
+def test_grade_only_code_sandbox_flag(tmp_path):
+  """--sandbox reaches the code sandbox (a forced isolation is used and warned about) and a
+  choice this user cannot have stops the run with one line before anything is graded."""
+  from evals import code_data
+
+  problems = code_data.load_problems("humaneval")
+  first = problems["HumanEval/0"]
+  good = first["prompt"] + first["canonical_solution"]
+  gens = _write(
+    tmp_path / "answers.jsonl",
+    [
+      {"task_id": "HumanEval/0", "completion": good},
+      {"task_id": "HumanEval/0", "sample": 1, "completion": first["prompt"] + "  return None\n"},
+    ],
+  )
+  out = tmp_path / "scores.json"
+  cmd = [sys.executable, "-m", "launch.eval", "--benchmark=humaneval", f"--generations={gens}"]
+  done = subprocess.run(
+    [*cmd, f"--out={out}", "--sandbox=processes"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert done.returncode == 0, done.stderr
+  assert "isolation 'processes' asked for" in done.stderr
+  assert json.loads(out.read_text())["benchmarks"]["humaneval"]["n_samples"] == 2
+  graded = [json.loads(line) for line in open(str(out)[:-5] + ".graded.jsonl")]
+  assert [g["correct"] for g in graded] == [True, False]
+
+  other = "userns" if os.geteuid() == 0 else "root"
+  done = subprocess.run(
+    [*cmd, f"--out={tmp_path / 'no.json'}", f"--sandbox={other}"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines()[-1].startswith(f"error: sandbox isolation '{other}'")
+  assert not (tmp_path / "no.graded.jsonl").exists()
