@@ -116,12 +116,13 @@ def _write_prompts(settings: presets.Settings) -> None:
   cfg = _config(settings, (FLAGS.benchmark,))
   n, s = external.write_prompts(cfg, FLAGS.benchmark, FLAGS.write_prompts)
   stops = "".join(f" --stop={x}" for x in s.stop)
-  notes = [f"prompt + answer at most {s.max_model_len} tokens"] * bool(s.max_model_len)
-  notes += ["the tokenizer's BOS added after the template's (two BOS)"] * s.add_special_tokens
+  # launch.sample's flags for the same settings (prompt-inclusive budget, the two-BOS quirk).
+  extra = f" --max_model_len={s.max_model_len}" if s.max_model_len else ""
+  extra += " --add_special_tokens" if s.add_special_tokens else ""
   print(
     f"wrote {n} prompts to {FLAGS.write_prompts}; the benchmark samples them with "
-    f"--max_new_tokens={s.max_new_tokens} --temperature={s.temperature} --top_p={s.top_p}{stops}"
-    + "".join(f"; {x}" for x in notes)
+    f"--max_new_tokens={s.max_new_tokens} --temperature={s.temperature} --top_p={s.top_p}"
+    f"{stops}{extra}"
   )
 
 

@@ -36,6 +36,17 @@ flags.DEFINE_string("max_batch", "8", "Sequences decoded together, or 'auto' (as
 flags.DEFINE_integer(
   "max_len", None, "Cache slots per sequence (default: longest prompt + max_new_tokens)."
 )
+flags.DEFINE_integer(
+  "max_model_len",
+  None,
+  "Prompt + answer at most this many tokens (vLLM's max_model_len; the reference preset's 32768).",
+)
+flags.DEFINE_bool(
+  "add_special_tokens",
+  False,
+  "Tokenize the rendered prompt with the tokenizer's special tokens too (a second BOS after the "
+  "template's: the reference's StrongREJECT quirk, see README).",
+)
 flags.DEFINE_float("max_cache_gb", None, "Memory budget of the KV cache (default: free memory).")
 flags.DEFINE_string("mesh", None, "Device mesh, e.g. fsdp:4,tensor:2 (default: one device).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
@@ -74,6 +85,8 @@ def main(argv):
     max_batch="auto" if FLAGS.max_batch == "auto" else _int("max_batch", FLAGS.max_batch),
     max_len=FLAGS.max_len,
     max_cache_gb=FLAGS.max_cache_gb,
+    max_model_len=FLAGS.max_model_len,
+    add_special_tokens=FLAGS.add_special_tokens,
     mesh=FLAGS.mesh,
     dtype=FLAGS.dtype,
   )

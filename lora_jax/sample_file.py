@@ -41,12 +41,16 @@ class SampleJob:
   max_batch: int | str = 8  # or "auto"
   max_len: int | None = None
   max_cache_gb: float | None = None
+  max_model_len: int | None = None  # prompt + answer at most this (vLLM's max_model_len)
+  add_special_tokens: bool = False  # the tokenizer's BOS after the template's (a reference quirk)
   mesh: str | None = None  # e.g. "fsdp:4,tensor:2"; None: one device
   dtype: str = "float32"
 
   def __post_init__(self):
     if self.n < 1 or self.max_new_tokens < 1:
       raise ValueError(f"n={self.n}, max_new_tokens={self.max_new_tokens}: both must be >= 1")
+    if self.max_model_len is not None and self.max_model_len < 2:
+      raise ValueError(f"max_model_len={self.max_model_len}: expected at least 2 (prompt + answer)")
     if self.max_batch != "auto" and not (isinstance(self.max_batch, int) and self.max_batch > 0):
       raise ValueError(f"max_batch={self.max_batch!r}: expected a positive integer or 'auto'")
 
@@ -150,6 +154,8 @@ def sample_file(job: SampleJob) -> int:
       max_len=job.max_len,
       max_cache_gb=job.max_cache_gb,
       skip=skip,
+      max_total_tokens=job.max_model_len,
+      add_special_tokens=job.add_special_tokens,
     )
   finally:
     if writer is not None:

@@ -190,3 +190,34 @@ def test_readme_sample_then_grade_runs_as_written(model_dir, tmp_path):
   by_key = {(a["id"], a["seed"], a["sample"]): a["completion"] for a in answers}
   assert {(g["task_id"], g["seed"], g["sample"]): g["completion"] for g in graded} == by_key
   assert all(isinstance(g["correct"], bool) for g in graded)
+
+
+def test_sample_file_prompt_inclusive_budget_and_two_bos(model_dir, tmp_path):
+  """The reference preset's settings reach launch.sample's library call: --max_model_len caps
+  prompt + answer, --add_special_tokens puts the tokenizer's BOS after the template's."""
+  import lora_jax
+  from lora_jax.sample_file import SampleJob, sample_file
+  from lora_jax.sampling.text import encode_prompts
+
+  question = "What is 2 + 2?"
+  prompts = tmp_path / "in.jsonl"
+  prompts.write_text(json.dumps({"id": "a", "prompt": question}) + "\n")
+  tokenizer = lora_jax.load_tokenizer(str(model_dir))
+  (ids,) = encode_prompts(tokenizer, [question], True, False)
+  assert ids[0] == tokenizer.bos_token_id  # the template's own BOS
+  out = tmp_path / "out.jsonl"
+  sample_file(
+    SampleJob(
+      model=str(model_dir),
+      prompts=str(prompts),
+      out=str(out),
+      max_new_tokens=12,
+      add_special_tokens=True,
+      max_model_len=len(ids) + 1 + 3,
+    )
+  )
+  (row,) = _rows(out)
+  assert row["num_prompt_tokens"] == len(ids) + 1  # a second BOS
+  assert row["num_tokens"] <= 3 and (row["num_tokens"] == 3) == (row["finish_reason"] == "length")
+  with pytest.raises(ValueError, match="max_model_len=1"):
+    SampleJob(model="m", prompts="p", out="o", max_model_len=1)
