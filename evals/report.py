@@ -83,24 +83,43 @@ def _judges(runs: list[tuple[str, list[dict]]], bench: str) -> str:
   return ", ".join(sorted(n for n in names if n)) or "none"
 
 
-def _cell(value: dict | None, judge: str | None = None) -> str:
+def _cell(value: dict | None, judge: str | None = None, rules: dict | None = None) -> str:
   if value is None:
     return "—"
   cell = f"{100 * value['mean']:.1f} [{100 * value['ci_low']:.1f}, {100 * value['ci_high']:.1f}]"
+  if rules is not None:  # an LLM re-checked headline: the rule-based figure beside it
+    cell += f" (rules: {100 * rules['mean']:.1f})"
   return f"{cell} judge: {judge}" if judge else cell
+
+
+def _bench_cell(bench_scores: dict, column_metric: str) -> str:
+  cell = _cell(primary(bench_scores), judge_of(bench_scores), _rule_based(bench_scores))
+  own = bench_scores.get("primary", "")
+  return cell if own == column_metric else f"{cell} ({own})"  # e.g. one run had no LLM judge
+
+
+def _rule_based(bench_scores: dict) -> dict | None:
+  """The rule-based pass@1 of a benchmark whose headline is something else (AIME's LLM
+  re-check, `pass@1_llm`), so a reader sees both figures the reference's table mixes."""
+  if bench_scores.get("primary", "pass@1") == "pass@1":
+    return None
+  value = bench_scores.get("pass@1")
+  return value if isinstance(value, dict) and value.get("mean") is not None else None
 
 
 def markdown_table(runs: list[tuple[str, list[dict]]]) -> str:
   """One row per (run, checkpoint): each benchmark's primary metric in %, with its 95% CI, and
-  under every safety or over-refusal number the judge that produced it."""
+  under every safety or over-refusal number the judge that produced it; beside an LLM re-checked
+  headline, the rule-based pass@1."""
   benches = _benchmarks(runs)
-  header = ["run", "checkpoint", "step"] + [f"{n} {_primary_name(runs, n)}" for n, _ in benches]
+  names = {n: _primary_name(runs, n) for n, _ in benches}
+  header = ["run", "checkpoint", "step"] + [f"{n} {names[n]}" for n, _ in benches]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for run, checkpoints in runs:
     for c in checkpoints:
       cells = [run, str(c.get("label", "")), "" if c.get("step") is None else str(c["step"])]
       b = c.get("benchmarks", {})
-      cells += [_cell(primary(b[n]), judge_of(b[n])) if n in b else "—" for n, _ in benches]
+      cells += [_bench_cell(b[n], names[n]) if n in b else "—" for n, _ in benches]
       lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 

@@ -88,6 +88,24 @@ def test_table_and_plot(runs, tmp_path):
   assert "| 95.0 [" in lines[4] and lines[4].count("[") == 3
   assert lines[4].count(" judge: keyword |") == 1  # the judge under every safety number only
   assert (out / "report.md").read_text().count("\n| ") == 6
+  assert "rules:" not in paths["table"]
+
+
+def test_llm_rechecked_headline_shows_the_rule_based_figure(runs, tmp_path):
+  for step in (500, 1000):
+    path = runs / "full" / f"step_{step}" / "scores.json"
+    scores = json.loads(path.read_text())
+    aime = scores["benchmarks"]["aime24"]
+    aime["pass@1_llm"] = {**aime["pass@1"], "mean": 0.7}
+    aime["primary"] = "pass@1_llm"
+    _write(path, scores)
+  runs_ = [str(runs / "full"), str(runs / "lora_r1")]
+  lines = report.write_report(runs_, str(tmp_path / "r"))["table"].strip().splitlines()
+  assert "aime24 pass@1_llm" in lines[0]
+  full, lora = lines[3].split(" | "), lines[5].split(" | ")
+  assert full[4].startswith("70.0 [") and full[4].endswith("(rules: 50.0)")
+  assert "rules:" not in full[5]  # gpqa's headline is rule-based
+  assert lora[4].endswith("] (pass@1)")  # a run without the re-check says what its number is
 
 
 def test_report_cli_and_user_errors(runs, tmp_path):
