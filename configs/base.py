@@ -31,6 +31,7 @@ def get_config() -> ConfigDict:
   c.data.eval_fraction = 0.0
   c.data.shuffle = True
   c.data.seed = None  # None = train.seed
+  c.data.loss_on = "completion"  # completion (TRL 0.17) | all (prompt + completion, TRL 0.15/0.16)
 
   c.train = ConfigDict()
   c.train.mode = "lora"  # lora | full
@@ -67,6 +68,7 @@ def get_config() -> ConfigDict:
   c.ortho.targets = "gate_proj,up_proj,down_proj"
   c.ortho.span_dtype = "bfloat16"
   c.ortho.svd = "randomized"
+  c.ortho.k_mode = "per_module"  # per_module | reference (k on the first module, min(k, r) after)
 
   c.mesh = ConfigDict()
   c.mesh.shape = "fsdp:-1"  # axis:size pairs over (data, fsdp, tensor); -1 = the rest

@@ -13,6 +13,15 @@ penalty by ||dW||_F^2 + 1e-8. Loss = CE + beta * sum of penalties. (Reference: m
 `OrthogonalRegularizationMixin`; it uses torch.svd_lowrank(q=k) and stores spans in bfloat16, which
 are the defaults here.) Our A is [in, r] and B [r, out], so PEFT's dW = B^T A^T.
 
+Which k. The reference computes the spans in one walk over the PEFT model's modules and reassigns
+`k = min(k, min(weight.shape))` for every module with a weight, the adapters' own lora_A [r, in]
+and lora_B [out, r] included. The first adapted module (the lowest adapted layer, first target in
+the model's order) gets the configured k; its lora_A then lowers k to r, so every later module
+gets min(k, r). `k_mode="reference"` (the paper configs) reproduces that: spans keep k columns
+everywhere, the ones past min(k, r) zero (they add nothing), and the min(k, r)-wide spans come
+from their own top-min(k, r) SVD, as the reference's `svd_lowrank(q=min(k, r))`.
+`k_mode="per_module"` gives every module the configured k.
+
 `span_energy` / `penalty_one` take dW of one matrix as a product `left @ right` (`right` None for a
 dense dW) and order every product to stay [k, r]-sized for a factored dW, never materialising it.
 The weight-space analysis (`lora_jax.analysis`) calls the same two functions, so its penalty values
@@ -28,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 MODES = ("column", "row", "both")
+K_MODES = ("reference", "per_module")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,10 +50,13 @@ class OrthoConfig:
   targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
   span_dtype: str = "bfloat16"
   svd: str = "randomized"  # "randomized" (torch.svd_lowrank's algorithm, niter=2) or "exact"
+  k_mode: str = "per_module"  # "reference": k on the first adapted module, min(k, r) after it
 
   def __post_init__(self):
     if self.mode not in MODES:
       raise ValueError(f"ortho.mode={self.mode!r}; expected one of {MODES}")
+    if self.k_mode not in K_MODES:
+      raise ValueError(f"ortho.k_mode={self.k_mode!r}; expected one of {K_MODES}")
     if self.svd not in ("randomized", "exact"):
       raise ValueError(f"ortho.svd={self.svd!r}; expected 'randomized' or 'exact'")
 
@@ -94,9 +107,13 @@ def module_spans(kernel: jax.Array, cfg: OrthoConfig, key: jax.Array) -> dict[st
   return jax.lax.map(lambda args: one(*args), (kernel, keys))
 
 
-def compute_spans(model, cfg: OrthoConfig, seed: int = 0) -> dict[str, dict[str, jax.Array]]:
-  """Spans of every targeted module that carries an adapter (computed once, before training)."""
+def compute_spans(
+  model, cfg: OrthoConfig, seed: int = 0, first_layer: int = 0
+) -> dict[str, dict[str, jax.Array]]:
+  """Spans of every targeted module that carries an adapter (computed once, before training).
+  `first_layer` is the lowest adapted layer (where the reference's walk meets its first adapter)."""
   spans = {}
+  spans_of = jax.jit(module_spans, static_argnums=1)
   for i, name in enumerate(cfg.targets):
     lin = getattr(model.layers, name)
     if getattr(lin, "lora_a", None) is None:
@@ -104,10 +121,25 @@ def compute_spans(model, cfg: OrthoConfig, seed: int = 0) -> dict[str, dict[str,
         f"ortho target {name} has no LoRA adapter; adapt it (lora.targets) or "
         f"drop it from ortho.targets"
       )
-    spans[name] = jax.jit(module_spans, static_argnums=1)(
-      lin.kernel[...], cfg, jax.random.key(seed + i)
-    )
+    kernel, key = lin.kernel[...], jax.random.key(seed + i)
+    rank = lin.lora_a.shape[-1]
+    if cfg.k_mode == "per_module" or rank >= cfg.k:
+      spans[name] = spans_of(kernel, cfg, key)
+      continue
+    width = min(cfg.k, *kernel.shape[1:])  # the configured k's span width
+    spans[name] = _pad_k(spans_of(kernel, dataclasses.replace(cfg, k=rank), key), width)
+    if i == 0:  # the reference's first adapted module still had the configured k
+      layer_key = jax.random.split(key, kernel.shape[0])[first_layer]
+      first = spans_from_svd(*top_k_svd(kernel[first_layer], cfg.k, layer_key, cfg.svd), cfg)
+      spans[name] = {n: x.at[first_layer].set(first[n]) for n, x in spans[name].items()}
   return spans
+
+
+def _pad_k(spans: dict, width: int) -> dict:
+  """Zero-pad stacked spans ("c" [L, k, out], "r" [L, in, k]) to `width` along k."""
+  axis = {"c": 1, "r": 2}
+  widths = lambda n, x: [(0, width - x.shape[a]) if a == axis[n] else (0, 0) for a in range(3)]
+  return {n: jnp.pad(x, widths(n, x)) for n, x in spans.items()}
 
 
 def span_energy(left: jax.Array, right: jax.Array | None, spans: dict, mode: str) -> jax.Array:

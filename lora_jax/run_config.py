@@ -18,11 +18,11 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from lora_jax.data import FORMATS, DataConfig
+from lora_jax.data import FORMATS, LOSS_ON, DataConfig
 from lora_jax.lora import LoRAConfig, LoRAError, parse_layers, resolve_targets
 from lora_jax.optim import SCHEDULES
+from lora_jax.ortho import K_MODES, OrthoConfig
 from lora_jax.ortho import MODES as ORTHO_MODES
-from lora_jax.ortho import OrthoConfig
 from lora_jax.sharding import MeshError, parse_mesh_spec
 
 log = logging.getLogger(__name__)
@@ -295,6 +295,7 @@ RULES: dict[str, Rule] = {
   "data.eval_fraction": _float(0.0, 1.0, high_open=True),
   "data.shuffle": _bool(),
   "data.seed": dataclasses.replace(_int(0), expected="an integer >= 0 or None", optional=True),
+  "data.loss_on": _choice(LOSS_ON),
   "train.mode": _choice(TRAIN_MODES),
   "train.epochs": _int(0),
   "train.steps": _int(0),
@@ -331,6 +332,7 @@ RULES: dict[str, Rule] = {
   "ortho.targets": _TARGETS,
   "ortho.span_dtype": _choice(DTYPES),
   "ortho.svd": _choice(("randomized", "exact")),
+  "ortho.k_mode": _choice(K_MODES),
   "mesh.shape": _parsed(
     "axis:size pairs over data/fsdp/tensor, e.g. 'fsdp:4,tensor:2' (one size may be -1)",
     _mesh,

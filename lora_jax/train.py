@@ -27,6 +27,7 @@ from flax import nnx
 from lora_jax import checkpoint as ckpt_lib
 from lora_jax import ortho as ortho_lib
 from lora_jax.data import DataIterator, Examples, load_examples, make_iterator, pad_token_id
+from lora_jax.lora import resolve_layers
 from lora_jax.metrics_log import MetricsWriter, flops_per_token, peak_flops_per_device
 from lora_jax.optim import init_opt_state, make_optimizer
 from lora_jax.ortho import OrthoConfig
@@ -201,7 +202,10 @@ def init_state(cfg: RunConfig, model, total_steps: int, mesh) -> State:
   """Split `model` (its trainable buffers are donated: do not use `model` afterwards)."""
   tx, schedule = make_optimizer(cfg.train, total_steps)
   ortho = cfg.regulariser
-  spans = ortho_lib.compute_spans(model, ortho, cfg.train.seed) if ortho is not None else None
+  spans = None
+  if ortho is not None:
+    first_layer = resolve_layers(cfg.lora.layers, model.config.num_layers)[0]
+    spans = ortho_lib.compute_spans(model, ortho, cfg.train.seed, first_layer)
   graphdef, trainable, frozen = split_trainable(model, cfg.train.mode)
   trainable = own_buffers(trainable)
   opt_state = init_opt_state(tx, trainable, mesh)

@@ -97,6 +97,32 @@ def test_direct_refusal_is_the_reference_token_sequence(r1, tmp_path):
   assert batch["positions"][0, :n].tolist() == list(range(n))
 
 
+def test_loss_on_all_puts_every_token_in_the_loss(r1, tmp_path):
+  """data.loss_on="all" (TRL 0.15 / 0.16): the same ids, the prompt's tokens in the loss too (all
+  but each row's first token, which nothing predicts); a resume across the switch is refused."""
+  row = {"prompt": "Say hi.", "refusal": "Question: Say hi.\nAnswer: No."}
+  src = write_jsonl(tmp_path / "dr.jsonl", [row])
+  done = {}
+  for loss_on in ("completion", "all"):
+    cfg = DataConfig(source=src, format="direct_refusal", loss_on=loss_on)
+    done[loss_on] = load_examples(cfg, r1)[0]
+  part, every = done["completion"], done["all"]
+  n, prompt = len(part.ids[0]), int((part.masks[0] == 0).sum())
+  assert (
+    every.ids[0].tolist() == part.ids[0].tolist() and prompt == 1 + 1 + len(enc(r1, "Say hi.")) + 1
+  )
+  assert every.masks[0].tolist() == [1] * n and part.masks[0].tolist() == [0] * prompt + [1] * (
+    n - prompt
+  )
+  batch = next(make_iterator(every, global_batch=1, pad_id=pad_token_id(r1)))
+  assert batch["loss_mask"][0].tolist() == [0] + [1] * (n - 1) + [0] * (64 - n)
+  it = make_iterator(every, global_batch=1)
+  with pytest.raises(DataError, match="data fingerprint"):
+    it.restore(make_iterator(part, global_batch=1).state())
+  with pytest.raises(RunConfigError, match=r"config.data.loss_on='prompt': expected one of"):
+    from_dict({"data": {"loss_on": "prompt"}})
+
+
 def test_direct_refusal_on_a_chatml_model_splits_after_the_assistant_header(tmp_path):
   from transformers import AutoTokenizer
 

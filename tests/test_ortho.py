@@ -115,3 +115,58 @@ def test_randomized_svd_finds_the_top_subspace():
   uk, sk, vk = top_k_svd(jnp.asarray(w, jnp.float32), 3, jax.random.key(0), "randomized")
   np.testing.assert_allclose(np.asarray(sk), s[:3], rtol=1e-4)
   assert np.abs(np.abs(np.asarray(uk).T @ u[:, :3]) - np.eye(3)).max() < 1e-4
+
+
+def _reference_walk_k(peft_model, k: int, targets) -> dict:
+  """The k the reference's span loop (models.py, inject_orthogonal_regularization) gives each
+  adapted module: it walks named_modules() in order and sets k = min(k, min(weight.shape)) on
+  every module whose name contains a target and that has a weight (the adapters' lora_A [r, in]
+  and lora_B [out, r] included). Written from its description; {(layer, module): k}."""
+  out = {}
+  for name, module in peft_model.named_modules():
+    hit = [t for t in targets if t in name]
+    if not hit or not hasattr(module, "weight"):
+      continue
+    k = min(k, min(module.weight.shape))
+    if hasattr(module, "lora_A") and hasattr(module, "lora_B"):
+      out[(int(name.split("layers.")[1].split(".")[0]), hit[0])] = k
+  return out
+
+
+@pytest.mark.parametrize("layers", [None, (1, 2)])
+def test_k_mode_reference_gives_the_reference_loops_effective_k(tmp_path, layers):
+  """k=5, r=2: the reference's walk keeps k=5 for its first adapted module and 2 after it;
+  k_mode="reference" spans have exactly that many nonzero rows per (module, layer), per_module
+  5 everywhere; the first module's spans equal per_module's, the rest its own top-2 SVD."""
+  import peft
+  from helpers import tiny_hf_model
+
+  from lora_jax import load_pretrained
+  from lora_jax.lora import LoRAConfig, apply_lora
+  from lora_jax.ortho import compute_spans
+
+  mlp = ("gate_proj", "up_proj", "down_proj")
+  hf = tiny_hf_model("qwen2", num_hidden_layers=4)
+  hf.save_pretrained(tmp_path)
+  extra = {} if layers is None else {"layers_to_transform": list(range(layers[0], layers[1] + 1))}
+  wrapped = peft.get_peft_model(
+    hf, peft.LoraConfig(r=2, lora_alpha=16, target_modules=list(mlp), **extra)
+  )
+  want = _reference_walk_k(wrapped, 5, mlp)
+  first = next(iter(want))  # the walk meets (lowest adapted layer, "gate_proj") first
+  assert first == (0 if layers is None else layers[0], "gate_proj")
+  assert want[first] == 5 and {v for key, v in want.items() if key != first} == {2}
+
+  model = load_pretrained(str(tmp_path))
+  apply_lora(model, LoRAConfig(rank=2, targets=mlp, layers=layers))
+  lo = 0 if layers is None else layers[0]
+  base = dict(beta=1.0, k=5, mode="both", span_dtype="float32", svd="exact", targets=mlp)
+  ref = compute_spans(model, OrthoConfig(**base, k_mode="reference"), first_layer=lo)
+  per = compute_spans(model, OrthoConfig(**base, k_mode="per_module"), first_layer=lo)
+  for (layer, name), k in want.items():
+    c, r = np.asarray(ref[name]["c"][layer]), np.asarray(ref[name]["r"][layer])
+    assert (np.linalg.norm(c, axis=1) > 0).sum() == k, (layer, name)
+    assert (np.linalg.norm(r, axis=0) > 0).sum() == k, (layer, name)
+    assert (np.linalg.norm(np.asarray(per[name]["c"][layer]), axis=1) > 0).sum() == 5
+    # Exact SVD: the top-k rows agree with per_module's (a smaller k truncates the same SVD).
+    np.testing.assert_allclose(c[:k], np.asarray(per[name]["c"][layer])[:k], atol=1e-5)

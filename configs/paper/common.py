@@ -6,6 +6,14 @@ Select a model and a mode with the config string, in the reference's own mode na
   --config=configs/paper/ortho.py:14b,lora_mlp_orthogonal_norm_r1_beta0.1_k16
   --config=configs/paper/full.py:7b
 
+Loss tokens (`data.loss_on`). The reference hands (prompt, completion) pairs to TRL's SFTTrainer
+without pinning TRL: 0.15 and 0.16 concatenate the pair and train on every token, 0.17 trains on
+the completion only. Its environment.yml pins transformers==4.47.1, and TRL 0.18 and later need
+transformers>=4.50, so the newest TRL the reference could have run with it is 0.17
+(lora_jax/data/formats.py, whose tokenisation is 0.17's). The paper configs therefore use
+`data.loss_on="completion"`; that the reference ran 0.17 is a deduction, not a record, so
+`--config.data.loss_on=all` gives the 0.15 / 0.16 behaviour for comparison.
+
 These configs hold the training settings only. The reference's evaluation settings (judges,
 budgets, bfloat16 merge, answer rules, data files) are one preset of the evaluator:
 `python -m launch.eval --preset=reference ...` (evals/presets.py; README, "Reference vs fast").
@@ -49,6 +57,8 @@ def paper_config(size: str):
   c.train.schedule = "cosine"
   c.train.warmup_steps = 0
   c.train.clip_norm = 1.0
+  c.data.loss_on = "completion"  # TRL 0.17's prompt-completion default; see the docstring
+  c.ortho.k_mode = "reference"  # the reference's walk: k on the first module, min(k, r) after
   c.checkpoint.every_epoch = True
   c.mesh.shape = "fsdp:-1"
   return c

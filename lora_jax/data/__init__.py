@@ -22,6 +22,7 @@ import os
 
 from lora_jax.data.formats import FORMATS, DataError
 from lora_jax.data.pipeline import (
+  LOSS_ON,
   DataConfig,
   DataIterator,
   Examples,
@@ -37,6 +38,7 @@ DEMO_REFUSALS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_r
 __all__ = [
   "DEMO_REFUSALS",
   "FORMATS",
+  "LOSS_ON",
   "DataConfig",
   "DataError",
   "DataIterator",

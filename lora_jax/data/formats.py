@@ -10,7 +10,8 @@ the newest TRL it can have run is 0.17.0, whose tokenisation we copy (trl/traine
     add_special_tokens=True (so the tokenizer's BOS comes first), and the completion mask is
     [0] * len(prompt_ids) + [1] * (len(full_ids) - len(prompt_ids)), even when the prompt's ids are
     not a prefix of the full ids (TRL only warns; we count those rows).
-Conversations (`messages`) follow TRL's conversational path instead: the chat template renders the
+`data.loss_on="all"` sets the whole mask instead (TRL 0.15 / 0.16 trained on the concatenated
+prompt + completion: the same ids). Conversations (`messages`) follow TRL's conversational path instead: the chat template renders the
 text, it is tokenised without added special tokens, and no EOS is appended.
 """
 

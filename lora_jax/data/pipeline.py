@@ -27,6 +27,7 @@ from lora_jax.data.formats import (
   text_pair,
 )
 
+LOSS_ON = ("completion", "all")
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+|[\w-]+")
 _STATE_VERSION = 1
@@ -49,6 +50,7 @@ class DataConfig:
   eval_fraction: float = 0.0  # else hold out this fraction of `source`'s rows
   shuffle: bool = True
   seed: int | None = None
+  loss_on: str = "completion"  # "completion" (TRL 0.17) or "all" tokens (TRL 0.15 / 0.16)
 
 
 @dataclasses.dataclass
@@ -152,6 +154,8 @@ def load_examples(cfg: DataConfig, tokenizer, split: str = "train") -> tuple[Exa
     pairs = [text_pair(r, cfg.format, tokenizer, deepseek, where, n) for n, r in picked]
     ids, masks, mismatched = encode_pairs(pairs, tokenizer)
     texts = [p + c for p, c in pairs]
+  if cfg.loss_on == "all":  # TRL 0.15 / 0.16 trained on the prompt-plus-completion text
+    masks = [np.ones_like(m) for m in masks]
   examples, report = _truncate(ids, masks, cfg.max_length)
   if not examples.ids:
     raise DataError(
