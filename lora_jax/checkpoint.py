@@ -10,16 +10,25 @@ coordinates the hosts); no param is ever gathered to one host.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+log = logging.getLogger(__name__)
+UNREADABLE = ".unreadable"  # suffix of a checkpoint directory set aside by `restore_latest`
+
 
 class ResumeError(ValueError):
   pass
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint that could not be written (a full disk, a quota, a file-size limit)."""
 
 
 def model_fingerprint(model_cfg, train_mode: str, lora_cfg=None) -> dict:
@@ -42,10 +51,12 @@ def model_fingerprint(model_cfg, train_mode: str, lora_cfg=None) -> dict:
 class Checkpointer:
   def __init__(self, directory: str, max_to_keep: int | None = None, async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    self.async_save = async_save
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._pending: int | None = None  # the step being written in the background
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -54,15 +65,35 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, params, opt_state, meta: dict, force: bool = False) -> None:
-    self.manager.save(
-      step,
-      args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
-        opt_state=ocp.args.StandardSave(opt_state),
-        meta=ocp.args.JsonSave(meta),
-      ),
-      force=force,
-    )
+    """Start writing `step` (in the background with async_save). A write that fails, now or in
+    the background, raises CheckpointWriteError at this or the next save/wait/close."""
+    with self._writing(step):
+      self.manager.save(
+        step,
+        args=ocp.args.Composite(
+          params=ocp.args.StandardSave(params),
+          opt_state=ocp.args.StandardSave(opt_state),
+          meta=ocp.args.JsonSave(meta),
+        ),
+        force=force,
+      )
+    self._pending = step if self.async_save else None
+
+  @contextlib.contextmanager
+  def _writing(self, step: int | None):
+    """One line for a failed write (an earlier async step's failure surfaces here too); Orbax
+    never commits a step it could not finish, so the last complete one is what a rerun uses."""
+    try:
+      yield
+    except (OSError, ValueError) as e:
+      failed = self._pending if self._pending is not None else step
+      self._pending = None
+      self.manager.reload()
+      reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
+      raise CheckpointWriteError(
+        f"could not write checkpoint step {failed} to {self.directory}: {reason[:300]} (is the "
+        f"disk full?); the last complete checkpoint is step {self.latest_step()}"
+      ) from e
 
   def read_meta(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
@@ -105,12 +136,62 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(**args))
     return out["params"], out.get("opt_state") if opt_state_like is not None else None, meta
 
+  def restore_latest(self, params_like, opt_state_like=None, fingerprint: dict | None = None):
+    """(step, params, opt_state, meta) of the newest checkpoint that reads back, or None when
+    there is none. Orbax commits a step atomically (a kill mid-write leaves only a tmp directory
+    it ignores), but a committed step can still be damaged: a truncated or deleted file, a copy
+    cut short. Such a step is logged, renamed to `<step>.unreadable` (kept for inspection, out of
+    Orbax's way) and the one before it is used. A checkpoint of another model (ResumeError) is
+    not damage: it stops the run."""
+    for step in reversed(self.all_steps()):
+      try:
+        restored, error = self.restore(step, params_like, opt_state_like, fingerprint), None
+      except ResumeError:
+        raise
+      except Exception as e:  # tensorstore, JSON and file errors alike mean "unreadable"
+        restored, error = None, e
+      if _all_processes_read(error is None):
+        return (step, *restored)
+      reason = " ".join(str(error).split())[:300] if error else "unreadable on another process"
+      aside = os.path.join(self.directory, f"{step}{UNREADABLE}")
+      log.warning(
+        "checkpoint %s/%d is unreadable (%s): moved to %s; resuming from the one before it",
+        self.directory,
+        step,
+        reason,
+        aside,
+      )
+      self._set_aside(step, aside)
+    return None
+
+  def _set_aside(self, step: int, aside: str) -> None:
+    if jax.process_index() == 0:
+      os.replace(os.path.join(self.directory, str(step)), aside)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+    self.manager.reload()
+
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._writing(None):
+      self.manager.wait_until_finished()
+    self._pending = None
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+
+def _all_processes_read(ok: bool) -> bool:
+  """Whether every process read its part of a checkpoint (all must resume from the same step)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _abstract(tree):

