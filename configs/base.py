@@ -17,6 +17,9 @@ def get_config() -> ConfigDict:
   c.model.dtype = "float32"  # param (master) dtype
   c.model.compute_dtype = ""  # "" = dtype; "bfloat16" for mixed precision on GPU/TPU
   c.model.remat = "none"  # none | full | dots
+  # auto | xla | cudnn | splash; auto = cuDNN flash attention on GPU (bf16/fp16), Pallas splash
+  # attention on TPU, plain XLA on CPU (lora_jax/attention.py)
+  c.model.attention = "auto"
 
   c.data = ConfigDict()
   c.data.source = "TianshengHuang/DirectRefusal"

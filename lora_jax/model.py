@@ -11,7 +11,8 @@ the stacked params (`Decoder.hidden`); the sampler (`sampling/forward.py`) runs 
 with a KV cache. What differs between the two is passed in: `project` computes a dense layer
 (`dense`, with LoRA dropout in training, with the weight-major layout for few rows in decoding)
 and `attend` says where keys and values come from and go to (this call's own tokens here, a
-per-layer cache in the sampler).
+per-layer cache in the sampler). `Decoder.attention` names the attention implementation
+(`attention.py`: plain XLA, cuDNN or Pallas splash; "auto" picks by backend).
 
 The module knows nothing of files, training or sampling: it takes token ids, a padding mask or
 positions and optional segment ids (packing), and returns logits.
@@ -28,12 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lora_jax import attention as attention_lib
 from lora_jax.config import ModelConfig
 from lora_jax.sharding import constrain
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Finite, so that a query with no key to attend to (a pad row) stays NaN-free.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _REMAT_POLICIES = {
   "none": None,
   "full": jax.checkpoint_policies.nothing_saveable,
@@ -108,14 +108,18 @@ class Decoder(nnx.Module):
     rngs: nnx.Rngs | None = None,
     mesh=None,
     remat: str = "none",
+    attention: str = "auto",
   ):
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     if remat not in _REMAT_POLICIES:
       raise ValueError(f"remat={remat!r}; expected one of {sorted(_REMAT_POLICIES)}")
+    if attention not in attention_lib.IMPLEMENTATIONS:
+      raise ValueError(f"attention={attention!r}; expected one of {attention_lib.IMPLEMENTATIONS}")
     self.config = config
     self.mesh = mesh
     self.dtype = jnp.dtype(dtype or param_dtype).name  # compute dtype (static)
     self.remat = remat
+    self.attention = attention  # attention implementation (`attention.py`), resolved when traced
     self.lora_dropout = 0.0  # set by lora.py; applied only when a dropout rng is passed
     V, D = config.vocab_size, config.hidden_size
     self.embed = nnx.Param(
@@ -193,8 +197,10 @@ class Decoder(nnx.Module):
     segment_ids = jnp.where(mask, segment_ids, 0)  # pad tokens get segment 0
 
     rope = rope_tables(cfg, positions)
-    allowed = _allowed(positions, segment_ids)
-    attend = lambda q, k, v: (attention(q, k, v, allowed), None)
+    attention = attention_lib.self_attend(
+      self.attention, self.dtype, positions, segment_ids, self.mesh
+    )
+    attend = lambda q, k, v: (attention(q, k, v), None)
     dropout = self.lora_dropout
 
     def step(x, xs):
@@ -217,12 +223,6 @@ class Decoder(nnx.Module):
       step, self.embed_tokens(input_ids), (layer_params, jnp.arange(cfg.num_layers))
     )
     return self.final_normed(x), per_layer
-
-
-def _allowed(positions, segment_ids):
-  """[B, T, T]: a query sees keys of its own (non-pad) segment at positions <= its own."""
-  same = segment_ids[:, None, :] == segment_ids[:, :, None]
-  return same & (segment_ids[:, None, :] > 0) & (positions[:, None, :] <= positions[:, :, None])
 
 
 # ---- the decoder layer -------------------------------------------------------------------------
@@ -254,24 +254,6 @@ def decoder_layer(cfg: ModelConfig, mesh, p: dict, x, rope, project: Project, at
   act = constrain(act, mesh, ("batch", "seq", "act_mlp"))
   x = x + proj(act, "down_proj")
   return constrain(x, mesh, ("batch", "seq", "act_embed")), kept
-
-
-def attention(q, k, v, allowed):
-  """Grouped-query attention. q [B,T,K,G,hd], k/v [B,S,K,hd], allowed [B,T,S] -> [B,T,K,G,hd].
-
-  Heads go to a leading batch axis so both products are plain batched matmuls (the 5-D einsum
-  form ran at half the speed on CPU)."""
-  B, T, K, G, H = q.shape
-  S = k.shape[1]
-  qh = q.transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, H)
-  kh = k.transpose(0, 2, 1, 3).reshape(B * K, S, H)
-  vh = v.transpose(0, 2, 1, 3).reshape(B * K, S, H)
-  scores = jnp.einsum("nqh,nsh->nqs", qh, kh, preferred_element_type=jnp.float32)
-  scores = scores.reshape(B, K, G, T, S) * (1.0 / math.sqrt(H))
-  scores = jnp.where(allowed[:, None, None, :, :], scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(B * K, G * T, S)
-  out = jnp.einsum("nqs,nsh->nqh", probs, vh).reshape(B, K, G, T, H)
-  return out.transpose(0, 3, 1, 2, 4)
 
 
 # ---- building blocks ---------------------------------------------------------------------------

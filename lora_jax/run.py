@@ -26,7 +26,12 @@ def build_model(cfg: RunConfig, mesh=None):
   """The model to train (with its fresh adapter in LoRA mode) and its tokenizer."""
   m = cfg.model
   model = load_pretrained(
-    m.source, dtype=m.dtype, mesh=mesh, compute_dtype=m.compute_dtype or None, remat=m.remat
+    m.source,
+    dtype=m.dtype,
+    mesh=mesh,
+    compute_dtype=m.compute_dtype or None,
+    remat=m.remat,
+    attention=m.attention,
   )
   tokenizer = load_tokenizer(m.tokenizer_source)
   if cfg.adapter is not None:

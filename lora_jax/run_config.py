@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from lora_jax.attention import IMPLEMENTATIONS as ATTENTION
 from lora_jax.data import FORMATS, LOSS_ON, DataConfig
 from lora_jax.lora import LoRAConfig, LoRAError, parse_layers, resolve_targets
 from lora_jax.optim import SCHEDULES
@@ -43,6 +44,7 @@ class ModelSpec:
   dtype: str = "float32"  # param (master) dtype
   compute_dtype: str = ""  # "" = dtype
   remat: str = "none"
+  attention: str = "auto"  # auto | xla | cudnn | splash (lora_jax/attention.py)
 
   @property
   def tokenizer_source(self) -> str:
@@ -283,6 +285,7 @@ RULES: dict[str, Rule] = {
   "model.dtype": _choice(DTYPES),
   "model.compute_dtype": _choice(("",) + DTYPES),
   "model.remat": _choice(REMAT),
+  "model.attention": _choice(ATTENTION),
   "data.source": _text(nonempty=True),
   "data.split": _text(nonempty=True),
   "data.config_name": _text(nonempty=True, optional=True),

@@ -104,6 +104,28 @@ def test_continuous_batching_equals_one_prompt_at_a_time(tmp_path):
     assert c.num_prompt_tokens == len(prompts[i])
 
 
+def test_blocked_decode_equals_full_decode(tmp_path, monkeypatch):
+  """Decode attention over the cache in blocks of 24 slots (caches of 64 and 96 slots: a shifted
+  last block) gives the same greedy answers as attention over the whole cache."""
+  import jax
+
+  from lora_jax import attention
+
+  hf, model = _load(tmp_path, "qwen2", num_hidden_layers=1)
+  prompts = _prompts(hf.config.vocab_size, (5, 30, 12), seed=3)
+  calls = []
+  blocked = attention.decode_attention
+  monkeypatch.setattr(attention, "decode_attention", lambda *a: calls.append(1) or blocked(*a))
+  answers = {}
+  for block in (10**9, 24):
+    monkeypatch.setattr(attention, "DECODE_BLOCK", block)
+    monkeypatch.setattr(attention, "DECODE_WHOLE_UP_TO", min(block, 10**9 - 1))
+    jax.clear_caches()  # the compiled steps do not key on the constant
+    answers[block] = generate(model, prompts, 50, max_batch=3)
+  assert answers[24] == answers[10**9]
+  assert calls and max(map(len, answers[24])) == 50
+
+
 @pytest.mark.slow
 def test_long_prompts_chunked_prefill_and_growing_cache(tmp_path, monkeypatch):
   """Prompts prefilled in 64-token chunks, answers crossing cache-length buckets: still HF's."""

@@ -76,12 +76,19 @@ def load_tokenizer(source: str):
 
 
 def load_pretrained(
-  source: str, dtype="float32", mesh: Mesh | None = None, *, compute_dtype=None, remat: str = "none"
+  source: str,
+  dtype="float32",
+  mesh: Mesh | None = None,
+  *,
+  compute_dtype=None,
+  remat: str = "none",
+  attention: str = "auto",
 ) -> Decoder:
   """Load a Qwen2/Qwen3/Llama-family causal LM.
 
   dtype: param dtype ("float32" or "bfloat16"); compute_dtype defaults to it.
   mesh: a (data, fsdp, tensor) mesh (see `lora_jax.make_mesh`); None puts it on one device.
+  attention: the attention implementation (`lora_jax.attention.IMPLEMENTATIONS`).
   """
   kind, path = resolve(source)
   if kind == "gguf":
@@ -95,7 +102,13 @@ def load_pretrained(
   dtype = jnp.dtype(dtype)
   model = nnx.eval_shape(
     lambda: Decoder(
-      cfg, param_dtype=dtype, dtype=compute_dtype, mesh=mesh, rngs=nnx.Rngs(0), remat=remat
+      cfg,
+      param_dtype=dtype,
+      dtype=compute_dtype,
+      mesh=mesh,
+      rngs=nnx.Rngs(0),
+      remat=remat,
+      attention=attention,
     )
   )
   available = set(src.names())

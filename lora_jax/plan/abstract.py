@@ -99,6 +99,7 @@ def abstract_model(
       mesh=mesh,
       rngs=nnx.Rngs(0),
       remat=m.remat,
+      attention=m.attention,
     )
     if adapter and cfg.adapter is not None:
       lora_lib.apply_lora(model, cfg.adapter, seed=cfg.train.seed)

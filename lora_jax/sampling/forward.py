@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lora_jax.model import Decoder, attention, decoder_layer, dense, rope_tables
+from lora_jax.attention import cache_attend
+from lora_jax.model import Decoder, decoder_layer, dense, rope_tables
 from lora_jax.sharding import constrain, named_sharding
 
 CACHE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
@@ -67,23 +68,24 @@ def forward(m: Decoder, layers, ids, positions, cache):
   layout = weight_major(B * T)
   project = lambda x, p, name: dense(x, p, m.dtype, weight_major=layout)
   rope = rope_tables(m.config, positions)
-  allowed = jnp.arange(S)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+  attention = cache_attend(m.attention, m.dtype, positions, S, m.mesh)
   rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
   x = m.embed_tokens(ids)
   new = []
   for i in range(m.config.num_layers):
     p = layers[i] if isinstance(layers, list) else jax.tree.map(lambda a, i=i: a[i], layers)
     attend = lambda q, k, v, kv=cache[i]: _attend_with_cache(
-      m, kv, rows, positions, allowed, q, k, v
+      m, kv, rows, positions, attention, q, k, v
     )
     x, kv = decoder_layer(m.config, m.mesh, p, x, rope, project, attend)
     new.append(kv)
   return m.final_normed(x), new
 
 
-def _attend_with_cache(m: Decoder, kv, rows, slots, allowed, q, k, v):
-  """Write k, v [B, T, K, hd] into one layer's cache at (rows, slots), then attend over it."""
+def _attend_with_cache(m: Decoder, kv, rows, slots, attention, q, k, v):
+  """Write k, v [B, T, K, hd] into one layer's cache at (rows, slots), then attend over it
+  (`attention.cache_attend`: blocked over the cache when decoding one token per row)."""
   ck, cv = kv
   ck = constrain(ck.at[rows, slots].set(k.astype(ck.dtype)), m.mesh, CACHE_AXES)
   cv = constrain(cv.at[rows, slots].set(v.astype(cv.dtype)), m.mesh, CACHE_AXES)
-  return attention(q, ck.astype(m.dtype), cv.astype(m.dtype), allowed), (ck, cv)
+  return attention(q, ck.astype(m.dtype), cv.astype(m.dtype)), (ck, cv)
