@@ -11,6 +11,7 @@ PACKAGES = ("lora_jax", "evals", "launch", "configs", "benchmarks")
 # Inside lora_jax a unit imports only units of a lower layer (BUILD.md draws the same order).
 LAYERS = [
   {"config", "sharding", "jsonl"},
+  {"attention"},
   {"model", "answers", "metrics_log"},
   {"lora", "data"},
   {"io", "ortho", "optim", "checkpoint", "sampling"},
@@ -90,7 +91,7 @@ def _import_violations():
           bad.append(f"lora_jax.{u} has no layer: add it to LAYERS here and to BUILD.md")
         if unit in LAYER and own in LAYER and unit != own and LAYER[unit] >= LAYER[own]:
           bad.append(f"{rel} ({own}, layer {LAYER[own]}) imports {unit} (layer {LAYER[unit]})")
-  return bad
+  return sorted(set(bad))
 
 
 def test_data_flows_one_way():
