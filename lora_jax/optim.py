@@ -1,14 +1,15 @@
 """The optimizer: optax AdamW with global-norm clipping and a learning-rate schedule.
 
 Defaults are the reference's (TRL/transformers Trainer): AdamW beta (0.9, 0.999), eps 1e-8,
-weight decay 1e-4 (decoupled, on every trainable param, as torch.optim.AdamW), clipping 1.0, lr 5e-5,
-cosine to 0 with no warm-up. Gradient accumulation is done by the train step itself (summing
+weight decay 1e-4 (decoupled, as torch.optim.AdamW; not on biases and norm weights, as the Trainer's
+`get_decay_parameter_names`: `decays`), clipping 1.0, lr 5e-5, cosine to 0 with no warm-up. Gradient accumulation is done by the train step itself (summing
 token-weighted losses over micro-batches), not with optax.MultiSteps, so an accumulated step
 equals one big batch exactly.
 """
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import jax
@@ -20,6 +21,26 @@ if TYPE_CHECKING:  # run_config imports this module's SCHEDULES
   from lora_jax.run_config import TrainConfig
 
 SCHEDULES = ("cosine", "linear", "constant")
+# transformers.Trainer.get_decay_parameter_names (5.x): no weight decay for a param whose
+# lower-cased dotted name matches one of these. Our names ("layers.attn_norm", "final_norm",
+# "layers.q_proj.bias") match them as the HF names they map to do; embeddings, the LM head,
+# kernels and LoRA's A and B (PEFT's lora_A/lora_B) decay.
+NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+
+
+def param_name(path) -> str:
+  """The dotted name of a param from its key path in an nnx.State or a pure dict."""
+  return ".".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def decays(name: str) -> bool:
+  """Whether weight decay applies to the param with this dotted name (see NO_DECAY)."""
+  return not NO_DECAY.search(name.lower())
+
+
+def decay_mask(params):
+  """A tree of bools like `params`: True where weight decay applies."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: decays(param_name(p)), params)
 
 
 def learning_rate_schedule(
@@ -52,7 +73,14 @@ def make_optimizer(
   if train.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(train.clip_norm))
   parts.append(
-    optax.adamw(schedule, b1=train.b1, b2=train.b2, eps=train.eps, weight_decay=train.weight_decay)
+    optax.adamw(
+      schedule,
+      b1=train.b1,
+      b2=train.b2,
+      eps=train.eps,
+      weight_decay=train.weight_decay,
+      mask=decay_mask,
+    )
   )
   return optax.chain(*parts), schedule
 
