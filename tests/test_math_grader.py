@@ -17,7 +17,7 @@ THINK = "<think>\nLet me compute this carefully. Maybe \\boxed{7}? No, recheck.\
 
 def _rows(path):
   if not os.path.exists(path):
-    pytest.skip(f"shared data missing: {path}")
+    pytest.fail(f"shared data missing: {path} (the ../shared/data checkout)")
   with open(path) as f:
     return [json.loads(line) for line in f]
 
