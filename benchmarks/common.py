@@ -166,7 +166,7 @@ class Worker:
   line, then runs one repeat per "run" line on its stdin and prints one JSON line per repeat.
   Keeping both sides resident lets repeats alternate without re-loading or re-compiling."""
 
-  def __init__(self, name: str, script: str, *args: str):
+  def __init__(self, name: str, script: str, *args: str, env: dict | None = None):
     self.name = name
     self.proc = subprocess.Popen(
       [sys.executable, script, "--worker", *args],
@@ -174,6 +174,7 @@ class Worker:
       stdout=subprocess.PIPE,
       text=True,
       bufsize=1,
+      env={**os.environ, **(env or {})},
     )
     self.setup = self._read()
 

@@ -1,33 +1,31 @@
 """Training throughput, MFU and peak memory: lora_jax vs transformers + PEFT (torch, CPU).
 
-Both train the same random Qwen2.5-0.5B-shaped float32 checkpoint on the same random batch
-(global batch 2, seq 512, loss on every token), with the same optimizer (AdamW 0.9/0.999/1e-8,
-weight decay 1e-4, clip 1.0): LoRA rank 8 (alpha 16, dropout 0.05) on all linear layers, and full
-fine-tuning. Each case runs in a fresh process (its own peak RSS); after one warm-up step
-(compilation), `--steps` steps are timed. MFU uses model FLOPs (lora_jax.metrics_log) over the
-float32 matmul peak measured in this run. Targets: tokens/s >= 1.5x theirs in both modes, MFU >=
-40% of the measured peak, peak memory no higher than theirs.
+Both train the same random Qwen2.5-0.5B-shaped float32 checkpoint (`--layers` decoder layers; 24
+is the real model) on the same random batch (global batch 2, seq 512, loss on every token), with
+the same optimizer (AdamW 0.9/0.999/1e-8, weight decay 1e-4, clip 1.0; torch's fused AdamW where
+it works, else foreach): LoRA rank 8 (alpha 16, dropout 0.05) on all linear layers, and full
+fine-tuning. Each side is a resident process (its own peak RSS); after one warm-up step
+(compilation), `--repeats` rounds of `--steps` steps alternate between the two sides. MFU uses
+model FLOPs (lora_jax.metrics_log) over the best float32 matmul rate of XLA, torch and numpy at
+this model's shapes, measured in this run.
+Targets: LoRA tokens/s >= 1.0x theirs and >= 1.3x our own full fine-tuning; full fine-tuning
+peak RSS <= 1.0x theirs.
 
-  python benchmarks/train.py [--steps 3] [--batch 2] [--seq 512] [--out benchmarks/results/train.json]
+  python benchmarks/train.py [--steps 2] [--repeats 5] [--layers 24] [--out ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (
-  peak_rss_bytes,
-  print_table,
-  run_worker,
-  write_checkpoint_if_missing,  # noqa: E402
-  write_json,
-)
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.environ.get("BENCH_LIB", os.path.dirname(HERE)))
+import common  # noqa: E402  (pins thread counts before numpy/jax/torch load)
 
 LR, B1, B2, EPS, WD, CLIP, RANK, ALPHA, DROPOUT = 5e-5, 0.9, 0.999, 1e-8, 1e-4, 1.0, 8, 16, 0.05
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -40,9 +38,7 @@ def _batch(vocab: int, batch: int, seq: int):
   return ids
 
 
-def worker_jax(
-  path: str, mode: str, steps: int, batch: int, seq: int, remat: str, loss_chunk: int = 0
-) -> dict:
+def worker_jax(a) -> None:
   import jax
   import numpy as np
 
@@ -53,200 +49,225 @@ def worker_jax(
   from lora_jax.run_config import TrainConfig
   from lora_jax.train import make_train_step
 
-  train_cfg = TrainConfig(
-    mode=mode,
-    lr=LR,
-    b1=B1,
-    b2=B2,
-    eps=EPS,
-    weight_decay=WD,
-    clip_norm=CLIP,
-    schedule="constant",
-    grad_accum=1,
-    loss_chunk=loss_chunk,
-  )
-  model = lora_jax.load_pretrained(path, dtype="float32", remat=remat)
-  if mode == "lora":
-    lora.apply_lora(
-      model, lora.LoRAConfig(rank=RANK, alpha=ALPHA, dropout=DROPOUT, targets=tuple(ALL_LINEAR))
-    )
-  graphdef, trainable, frozen = split_trainable(model, mode)
-  del model
-  trainable = own_buffers(trainable)  # as lora_jax.train does
-  tx, schedule = make_optimizer(train_cfg, steps + 1)
-  opt_state = jax.jit(tx.init)(trainable)
-  step = jax.jit(make_train_step(graphdef, tx, schedule, train_cfg), donate_argnums=(0, 1))
-  ids = _batch(151936, batch, seq)
-  data = {
-    "input_ids": ids,
-    "loss_mask": np.ones_like(ids),
-    "attention_mask": np.ones_like(ids),
-    "segment_ids": np.ones_like(ids),
-    "positions": np.broadcast_to(np.arange(seq), ids.shape),
-  }
-  data = {k: jax.device_put(np.ascontiguousarray(v)) for k, v in data.items()}
-  t = time.perf_counter()
-  trainable, opt_state, m = step(trainable, opt_state, frozen, data, 0)
-  jax.block_until_ready(m)
-  compile_s = time.perf_counter() - t
-  losses, t = [], time.perf_counter()
-  for i in range(steps):
-    trainable, opt_state, m = step(trainable, opt_state, frozen, data, i + 1)
-    losses.append(float(m["loss"]))
-  return {"seconds": time.perf_counter() - t, "first_step_seconds": compile_s, "losses": losses}
+  cfg = TrainConfig(
+    mode=a.mode, lr=LR, b1=B1, b2=B2, eps=EPS, weight_decay=WD, clip_norm=CLIP,
+    schedule="constant", grad_accum=1, loss_chunk=a.loss_chunk,
+  )  # fmt: skip
+  state = {}
+
+  def setup():
+    model = lora_jax.load_pretrained(a.ckpt_dir, dtype="float32", remat=a.remat)
+    if a.mode == "lora":
+      lora.apply_lora(
+        model, lora.LoRAConfig(rank=RANK, alpha=ALPHA, dropout=DROPOUT, targets=tuple(ALL_LINEAR))
+      )
+    graphdef, trainable, frozen = split_trainable(model, a.mode)
+    del model
+    trainable = own_buffers(trainable)  # as lora_jax.train does
+    tx, schedule = make_optimizer(cfg, 10**6)
+    opt_state = jax.jit(tx.init)(trainable)
+    step = jax.jit(make_train_step(graphdef, tx, schedule, cfg), donate_argnums=(0, 1))
+    ids = _batch(151936, a.batch, a.seq)
+    data = {
+      "input_ids": ids,
+      "loss_mask": np.ones_like(ids),
+      "attention_mask": np.ones_like(ids),
+      "segment_ids": np.ones_like(ids),
+      "positions": np.broadcast_to(np.arange(a.seq), ids.shape),
+    }
+    data = {k: jax.device_put(np.ascontiguousarray(v)) for k, v in data.items()}
+    t = time.perf_counter()
+    trainable, opt_state, m = step(trainable, opt_state, frozen, data, 0)
+    jax.block_until_ready(m)
+    state.update(step=step, trainable=trainable, opt_state=opt_state, frozen=frozen, data=data, i=1)
+    return {"first_step_seconds": time.perf_counter() - t, "loss": float(m["loss"])}
+
+  def run_once():
+    s, losses = state, []
+    for _ in range(a.steps):
+      s["trainable"], s["opt_state"], m = s["step"](
+        s["trainable"], s["opt_state"], s["frozen"], s["data"], s["i"]
+      )
+      s["i"] += 1
+      losses.append(float(m["loss"]))
+    return {"losses": losses}
+
+  common.serve(setup, run_once)
 
 
-def worker_torch(path: str, mode: str, steps: int, batch: int, seq: int, remat: str) -> dict:
+def worker_torch(a) -> None:
   import torch
   import transformers
 
-  torch.manual_seed(0)
-  model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-  if remat != "none":
-    model.gradient_checkpointing_enable()
-  if mode == "lora":
-    from peft import LoraConfig, get_peft_model
+  common.torch_threads()
+  state = {}
 
-    model = get_peft_model(
-      model,
-      LoraConfig(
-        r=RANK,
-        lora_alpha=ALPHA,
-        lora_dropout=DROPOUT,
-        target_modules=ALL_LINEAR,
-        bias="none",
-        task_type="CAUSAL_LM",
-      ),
-    )
-  model.train()
-  params = [p for p in model.parameters() if p.requires_grad]
-  opt = torch.optim.AdamW(params, lr=LR, betas=(B1, B2), eps=EPS, weight_decay=WD)
-  ids = torch.tensor(_batch(151936, batch, seq), dtype=torch.long)
+  def setup():
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(a.ckpt_dir, dtype=torch.float32)
+    if a.remat != "none":
+      model.gradient_checkpointing_enable()
+    if a.mode == "lora":
+      from peft import LoraConfig, get_peft_model
+
+      model = get_peft_model(
+        model,
+        LoraConfig(
+          r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=ALL_LINEAR,
+          bias="none", task_type="CAUSAL_LM",
+        ),
+      )  # fmt: skip
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    ids = torch.tensor(_batch(151936, a.batch, a.seq), dtype=torch.long)
+    state.update(model=model, params=params, ids=ids)
+    tried = {}
+    for name, kw in (("fused", {"fused": True}), ("foreach", {"foreach": True})):
+      try:  # the fastest AdamW this torch has on CPU
+        state["opt"] = torch.optim.AdamW(
+          params, lr=LR, betas=(B1, B2), eps=EPS, weight_decay=WD, **kw
+        )
+        t = time.perf_counter()
+        loss = one()
+        tried[name] = time.perf_counter() - t
+        break
+      except (RuntimeError, TypeError) as e:
+        tried[name] = f"{type(e).__name__}: {str(e)[:200]}"
+    return {"first_step_seconds": tried[name], "adamw": name, "adamw_tried": tried, "loss": loss}
 
   def one():
-    loss = model(input_ids=ids, labels=ids).loss
+    s = state
+    loss = s["model"](input_ids=s["ids"], labels=s["ids"]).loss
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, CLIP)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    torch.nn.utils.clip_grad_norm_(s["params"], CLIP)
+    s["opt"].step()
+    s["opt"].zero_grad(set_to_none=True)
     return loss.item()
 
-  t = time.perf_counter()
-  one()
-  first = time.perf_counter() - t
-  losses, t = [], time.perf_counter()
-  for _ in range(steps):
-    losses.append(one())
-  return {"seconds": time.perf_counter() - t, "first_step_seconds": first, "losses": losses}
+  def run_once():
+    return {"losses": [one() for _ in range(a.steps)]}
+
+  common.serve(setup, run_once)
+
+
+TARGETS = {
+  "lora_vs_theirs": 1.0,  # tokens/s
+  "lora_vs_our_full": 1.3,  # tokens/s
+  "full_peak_rss_vs_theirs": 1.0,  # at most
+}
+
+
+def run_mode(a, mode: str) -> dict:
+  args = ["--mode", mode, "--steps", str(a.steps), "--batch", str(a.batch), "--seq", str(a.seq)]
+  args += ["--remat", a.remat, "--loss_chunk", str(a.loss_chunk), "--ckpt_dir", a.ckpt_dir]
+  ours = common.Worker("lora_jax", __file__, "--side", "jax", *args)
+  theirs = common.Worker("transformers", __file__, "--side", "torch", *args)
+  runs = common.alternate([ours, theirs], a.repeats)
+  rss = {"lora_jax": ours.close()["peak_rss"], "transformers": theirs.close()["peak_rss"]}
+  tokens = a.batch * a.seq * a.steps
+  out = {"setup": {"lora_jax": ours.setup, "transformers": theirs.setup}, "peak_rss": rss}
+  for side, rs in runs.items():
+    out[side] = dict(
+      tokens_per_second=common.summary([tokens / r["wall_s"] for r in rs]),
+      cpu_s=common.summary([r["cpu_s"] for r in rs]),
+      losses=rs[-1]["losses"],
+    )
+  o, t = runs["lora_jax"], runs["transformers"]
+  out["ratio_per_round"] = common.summary([y["wall_s"] / x["wall_s"] for x, y in zip(o, t)])
+  return out
 
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--worker", choices=["jax", "torch"])
+  p.add_argument("--worker", action="store_true")
+  p.add_argument("--side", choices=["jax", "torch"])
   p.add_argument("--mode", choices=["lora", "full"], default="lora")
   p.add_argument("--modes", default="lora,full")
-  p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--steps", type=int, default=2, help="steps per timed repeat")
+  p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--seq", type=int, default=512)
+  p.add_argument("--layers", type=int, default=24, help="decoder layers (24 in Qwen2.5-0.5B)")
   p.add_argument("--remat", default="none", help="none | full (both frameworks)")
   p.add_argument(
-    "--loss_chunk",
-    type=int,
-    default=0,
-    help="lora_jax only: logits this many tokens at a time (train.loss_chunk)",
+    "--loss_chunk", type=int, default=0, help="lora_jax only: logits this many tokens at a time"
   )
-  p.add_argument(
-    "--ckpt_dir", default=os.path.join(tempfile.gettempdir(), "lora_jax_bench_qwen05b")
-  )
+  p.add_argument("--ckpt_dir", default=None)
   p.add_argument("--out", default="benchmarks/results/train.json")
   a = p.parse_args()
   if a.worker:
-    args = (a.ckpt_dir, a.mode, a.steps, a.batch, a.seq, a.remat)
-    result = worker_jax(*args, a.loss_chunk) if a.worker == "jax" else worker_torch(*args)
-    result["peak_rss"] = peak_rss_bytes()
-    print(json.dumps(result))
-    return
+    return worker_jax(a) if a.side == "jax" else worker_torch(a)
 
   from lora_jax.config import ModelConfig
-  from lora_jax.metrics_log import flops_per_token, measured_cpu_matmul_flops
+  from lora_jax.metrics_log import flops_per_token
 
-  write_checkpoint_if_missing(a.ckpt_dir)
+  before = common.machine()
+  a.ckpt_dir = a.ckpt_dir or os.path.join(
+    tempfile.gettempdir(), f"lora_jax_bench_qwen05b_{a.layers}l"
+  )
+  common.write_checkpoint_if_missing(a.ckpt_dir, num_layers=a.layers)
   cfg = ModelConfig.from_file(os.path.join(a.ckpt_dir, "config.json"))
-  peak = measured_cpu_matmul_flops()
-  tokens = a.batch * a.seq * a.steps
-  rows, results = [], {}
-  for mode in a.modes.split(","):
+  peak = common.matmul_peak(common.model_matmul_shapes(cfg, a.batch * a.seq))
+  results = {m: run_mode(a, m) for m in a.modes.split(",")}
+  peak_after = common.matmul_peak(common.model_matmul_shapes(cfg, a.batch * a.seq))
+  if peak_after["best"] > peak["best"]:  # a shared machine: the best seen is the peak
+    peak = peak_after
+  rows = []
+  for mode, r in results.items():
     fpt = flops_per_token(cfg, a.seq, mode == "full")
-    for fw in ("torch", "jax"):
-      r = run_worker(
-        __file__,
-        "--worker",
-        fw,
-        "--mode",
-        mode,
-        "--steps",
-        str(a.steps),
-        "--batch",
-        str(a.batch),
-        "--seq",
-        str(a.seq),
-        "--remat",
-        a.remat,
-        "--loss_chunk",
-        str(a.loss_chunk),
-        "--ckpt_dir",
-        a.ckpt_dir,
-      )
-      r["tokens_per_second"] = tokens / r["seconds"]
-      r["mfu"] = fpt * r["tokens_per_second"] / peak
-      results[f"{mode}/{fw}"] = r
+    for side in ("transformers", "lora_jax"):
+      tps = r[side]["tokens_per_second"]
+      r[side]["mfu"] = fpt * tps["median"] / peak["best"]
       rows.append(
         [
           mode,
-          "lora_jax" if fw == "jax" else "transformers+peft",
-          f"{r['tokens_per_second']:.1f}",
-          f"{100 * r['mfu']:.1f}%",
-          f"{r['peak_rss'] / 2**30:.2f}",
-          f"{r['first_step_seconds']:.1f}",
-          " ".join(f"{x:.3f}" for x in r["losses"]),
+          side + (f" ({r['setup'][side]['adamw']} AdamW)" if side == "transformers" else ""),
+          common.fmt(tps, 1),
+          f"{100 * r[side]['mfu']:.0f}%",
+          f"{r['peak_rss'][side] / 2**30:.2f}",
+          f"{r['setup'][side]['first_step_seconds']:.1f}",
+          common.fmt(r[side]["cpu_s"], 1),
         ]
       )
-  # The machine is shared: take the best peak seen before and after the runs.
-  peak_after = measured_cpu_matmul_flops(cached=False)
-  if peak_after > peak:
-    peak = peak_after
-    for key, r in results.items():
-      r["mfu"] = flops_per_token(cfg, a.seq, key.startswith("full")) * r["tokens_per_second"] / peak
-    rows = [
-      row[:3] + [f"{100 * results[f'{row[0]}/{fw}']['mfu']:.1f}%"] + row[4:]
-      for row, fw in zip(rows, ["torch", "jax"] * len(rows))
-    ]
-  print_table(
-    f"train: Qwen2.5-0.5B shape, float32, batch {a.batch} x seq {a.seq}, "
-    f"{a.steps} timed steps; measured matmul peak {peak / 1e9:.0f} GFLOP/s",
-    ["mode", "framework", "tokens/s", "MFU", "peak RSS GiB", "first step s", "losses"],
+  common.print_table(
+    f"train: Qwen2.5-0.5B shape ({a.layers} layers), float32, batch {a.batch} x seq {a.seq}, "
+    f"{a.repeats} alternating repeats of {a.steps} steps; matmul peak "
+    f"{peak['best'] / 1e9:.0f} GFLOP/s ({peak['best_library']})",
+    ["mode", "framework", "tokens/s median (min-max)", "MFU", "peak RSS GiB", "first step s",
+     "CPU s per repeat"],
     rows,
-  )
+  )  # fmt: skip
+  med = lambda mode, side: results[mode][side]["tokens_per_second"]["median"]
   ratios = {}
-  for mode in a.modes.split(","):
-    ours, theirs = results[f"{mode}/jax"], results[f"{mode}/torch"]
-    ratios[mode] = {
-      "tokens_per_second_vs_theirs": ours["tokens_per_second"] / theirs["tokens_per_second"],
-      "mfu": ours["mfu"],
-      "peak_rss_vs_theirs": ours["peak_rss"] / theirs["peak_rss"],
-    }
-  print("ratios:", json.dumps(ratios, indent=1))
-  write_json(
+  if "lora" in results:
+    ratios["lora_vs_theirs"] = med("lora", "lora_jax") / med("lora", "transformers")
+  if "full" in results:
+    ratios["full_vs_theirs"] = med("full", "lora_jax") / med("full", "transformers")
+    rss = results["full"]["peak_rss"]
+    ratios["full_peak_rss_vs_theirs"] = rss["lora_jax"] / rss["transformers"]
+  if "lora" in results and "full" in results:
+    ratios["lora_vs_our_full"] = med("lora", "lora_jax") / med("full", "lora_jax")
+  if "lora" in results:
+    rss = results["lora"]["peak_rss"]
+    ratios["lora_peak_rss_vs_theirs"] = rss["lora_jax"] / rss["transformers"]
+  verdicts = {}
+  for k, v in ratios.items():
+    if k in TARGETS:
+      at_most = k.endswith("rss_vs_theirs")
+      verdicts[k] = common.verdict(v, TARGETS[k], higher_is_better=not at_most)
+    print(f"  {k}: {v:.2f}" + (f" (target {TARGETS[k]}: {verdicts[k]})" if k in TARGETS else ""))
+  common.write_json(
     a.out,
     {
-      "peak_flops": peak,
-      "batch": a.batch,
-      "seq": a.seq,
-      "steps": a.steps,
-      "loss_chunk": a.loss_chunk,
+      "benchmark": "train",
+      "settings": {k: v for k, v in vars(a).items() if k not in ("worker", "side", "mode")},
+      "matmul_peak": peak,
       "results": results,
       "ratios": ratios,
+      "targets": TARGETS,
+      "verdicts": verdicts,
     },
+    before,
   )
 
 
