@@ -49,6 +49,10 @@ bench: setup
 	$(PY) benchmarks/load.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/sample.py
+	$(PY) benchmarks/train_epoch.py
+	$(PY) benchmarks/eval_workload.py
+	$(PY) benchmarks/remat_memory.py
+	$(PY) benchmarks/bench_table.py --build_md BUILD.md
 	$(PY) benchmarks/code_eval.py
 	$(PY) benchmarks/code_extract_agreement.py
 	$(PY) benchmarks/judge_agreement.py

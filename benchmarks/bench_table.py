@@ -1,0 +1,192 @@
+"""BUILD.md's speed-benchmark table, made from the JSON files under benchmarks/results/.
+
+  python benchmarks/bench_table.py [--results benchmarks/results] [--build_md BUILD.md]
+
+Each row quotes one file: both sides' medians, the ratio, the target and whether it was met, the
+load average during the run. A missing file is a row saying so (run the script to fill it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+BEGIN, END = "<!-- bench_table: begin -->", "<!-- bench_table: end -->"
+GiB = 1 << 30
+
+
+def _load(results: str, name: str) -> dict | None:
+  path = os.path.join(results, name)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _load_note(d: dict) -> str:
+  m = d["machine"]
+  before = m.get("load_average_before", m["load_average"])
+  return (
+    f"{m['threads']} threads, load {before[0]:.1f} -> {m['load_average'][0]:.1f}, "
+    f"commit {m.get('commit')}"
+  )
+
+
+def _mark(v: float, target: float, at_most: bool = False) -> str:
+  return "met" if (v <= target if at_most else v >= target) else "**missed**"
+
+
+def train_epoch_row(d: dict) -> list[str]:
+  s, parts = d["settings"], []
+  for mode, r in d["results"].items():
+    w = r["wall_s"]
+    parts.append(
+      f"{mode}: {r['ratio_of_medians']:.2f}x ({w['transformers']['median']:.0f} s vs "
+      f"{w['lora_jax']['median']:.0f} s; CPU "
+      f"{r['cpu_s']['transformers']['median'] / r['cpu_s']['lora_jax']['median']:.2f}x) "
+      f"{_mark(r['ratio_of_medians'], r['target'])}; our compile "
+      f"{r['ours_setup']['compile_s']:.0f} s, padding {100 * r['ours_padding_fraction']:.0f}% "
+      f"(theirs {100 * r['theirs_padding_fraction']:.0f}%), MFU "
+      f"{100 * r['mfu']['lora_jax']:.0f}% vs {100 * r['mfu']['transformers']:.0f}%"
+    )
+  what = (
+    f"an epoch of {s['rows']} STAR-1 rows ({d['data']['tokens']} tokens, R1 tokenizer), batch 2, "
+    f"{s['layers']}-layer Qwen2.5-0.5B shape; LoRA r1 up_proj and full FT vs Trainer + PEFT "
+    f"({next(iter(d['results'].values()))['theirs_setup']['optim']}), dynamic padding"
+  )
+  return ["`benchmarks/train_epoch.py`", what, "wall >= 1.5x theirs", "; ".join(parts)]
+
+
+def eval_row(d: dict) -> list[str]:
+  w, k = d["workload"], d["wall_s"]
+  what = (
+    f"{w['requests']} sampled answers (T 0.6, top_p 0.95, {min(w['lengths'])}..."
+    f"{max(w['lengths'])} tokens), {d['settings']['layers']}-layer model: continuous batching "
+    f"vs `generate` in static batches of 8 ({d['theirs_setup']['setting']} cache)"
+  )
+  got = (
+    f"{d['ratio_of_medians']:.2f}x ({k['transformers']['median']:.0f} s vs "
+    f"{k['lora_jax']['median']:.0f} s; CPU {d['cpu_ratio_of_medians']:.2f}x) "
+    f"{_mark(d['ratio_of_medians'], d['target'])}"
+  )
+  return ["`benchmarks/eval_workload.py`", what, "wall >= 3.5x theirs", got]
+
+
+def train_row(d: dict) -> list[str]:
+  r, ratios, s = d["results"], d["ratios"], d["settings"]
+  parts = []
+  if "lora_vs_theirs" in ratios:
+    parts.append(f"LoRA {ratios['lora_vs_theirs']:.2f}x {_mark(ratios['lora_vs_theirs'], 1.0)}")
+  if "lora_vs_our_full" in ratios:
+    v = ratios["lora_vs_our_full"]
+    parts.append(f"LoRA vs our full {v:.2f}x {_mark(v, 1.3)}")
+  if "full_vs_theirs" in ratios:
+    parts.append(f"full {ratios['full_vs_theirs']:.2f}x")
+  if "full_peak_rss_vs_theirs" in ratios:
+    v = ratios["full_peak_rss_vs_theirs"]
+    parts.append(f"full RSS {v:.2f}x {_mark(v, 1.0, at_most=True)}")
+  mfu = ", ".join(f"{m} MFU {100 * x['lora_jax']['mfu']:.0f}%" for m, x in r.items())
+  what = (
+    f"LoRA r8 all-linear and full FT, batch 2 x seq {s['seq']}, {s['layers']}-layer model, vs "
+    f"transformers + PEFT ({r[next(iter(r))]['setup']['transformers']['adamw']} AdamW)"
+  )
+  target = "LoRA >= 1.0x theirs, >= 1.3x our full; full RSS <= 1.0x"
+  return ["`benchmarks/train.py`", what, target, "; ".join(parts) + f"; {mfu}"]
+
+
+def sample_row(d: dict) -> list[str]:
+  r = d["ratios"]
+  s = d.get("settings", {})
+  what = (
+    f"greedy decoding, batch 1 and 8, {s.get('new_tokens')} new tokens, "
+    f"{s.get('layers')}-layer model, vs `generate` ({d['batch8']['transformers_cache']} cache)"
+  )
+  got = (
+    f"batch 8 {r['batch8_vs_transformers']:.2f}x {_mark(r['batch8_vs_transformers'], 2.0)}; "
+    f"batch 1 {r['batch1_vs_transformers']:.2f}x, "
+    f"{100 * r['batch1_vs_bandwidth_bound']:.0f}% of the bandwidth bound "
+    f"{_mark(r['batch1_vs_bandwidth_bound'], 0.85)}"
+  )
+  return ["`benchmarks/sample.py`", what, "batch 8 >= 2x; batch 1 >= 85% of bound", got]
+
+
+def ab_row(d: dict) -> list[str]:
+  parts = [
+    f"{case} {r['new_over_old_speed']:.2f} ({r['per_round']['min']:.2f}-"
+    f"{r['per_round']['max']:.2f})"
+    for case, r in d["results"].items()
+  ]
+  s = d["settings"]
+  what = (
+    f"issue 9: the kernel cases on the pre-refactor commit vs this one, "
+    f"{s['layers']}-layer model, alternating"
+  )
+  return ["`benchmarks/ab_refactor.py`", what, "new / old >= 1.0", "; ".join(parts)]
+
+
+def remat_row(d: dict) -> list[str]:
+  r = d["results"]
+  parts = [
+    f"{mode}: " + ", ".join(f"{p} {r[f'{mode}/{p}']['temp_bytes'] / GiB:.1f}" for p in
+                           ("none", "dots", "full"))
+    for mode in ("full", "lora")
+  ]  # fmt: skip
+  what = (
+    f"train step temporaries per remat policy (XLA memory analysis), batch {d['batch']} x seq "
+    f"{d['seq']}, 24 layers"
+  )
+  return ["`benchmarks/remat_memory.py`", what, "(figures)", "GiB: " + "; ".join(parts)]
+
+
+ROWS = [
+  ("train_epoch.json", train_epoch_row),
+  ("eval_workload.json", eval_row),
+  ("train.json", train_row),
+  ("sample.json", sample_row),
+  ("ab_refactor.json", ab_row),
+  ("remat_memory.json", remat_row),
+]
+
+
+def table(results: str) -> str:
+  lines = [
+    "| script | what | target | last measured (ratio = theirs' time / ours) | machine | JSON |",
+    "|---|---|---|---|---|---|",
+  ]
+  for name, row in ROWS:
+    d = _load(results, name)
+    path = f"`benchmarks/results/{name}`"
+    if d is None:
+      lines.append(f"| `{name}` | not measured yet | | | | {path} |")
+      continue
+    lines.append("| " + " | ".join(row(d) + [_load_note(d), path]) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def update_build_md(path: str, text: str) -> None:
+  with open(path, encoding="utf-8") as f:
+    doc = f.read()
+  if BEGIN not in doc or END not in doc:
+    raise ValueError(f"{path}: no '{BEGIN}' ... '{END}' block to replace")
+  head, rest = doc.split(BEGIN, 1)
+  tail = rest.split(END, 1)[1]
+  note = "<!-- made by benchmarks/bench_table.py --build_md; do not edit by hand -->\n"
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(f"{head}{BEGIN}\n{note}{text}{END}{tail}")
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--results", default="benchmarks/results")
+  p.add_argument("--build_md", default=None)
+  a = p.parse_args()
+  text = table(a.results)
+  print(text)
+  if a.build_md:
+    update_build_md(a.build_md, text)
+    print(f"updated {a.build_md}")
+
+
+if __name__ == "__main__":
+  main()
