@@ -100,6 +100,11 @@ def main() -> None:
     else:
       args = ["--batch", case[len("decode_b") :], "--new_tokens", str(a.new_tokens)]
       results[case] = pair(a, case, __file__, args + ["--ckpt_dir", a.ckpt_dir])
+  common.write_json(
+    a.out,
+    dict(benchmark="ab_refactor", settings=vars(a), results=results),
+    before,
+  )
   rows = [
     [
       case,
@@ -116,11 +121,6 @@ def main() -> None:
     f"float32; wall s per repeat, median (min-max) of {a.repeats} alternating repeats",
     ["case", "old s", "new s", "new speed / old", "per-round ratio", "no slower"],
     rows,
-  )
-  common.write_json(
-    a.out,
-    dict(benchmark="ab_refactor", settings=vars(a), results=results),
-    before,
   )
 
 

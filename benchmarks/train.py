@@ -208,7 +208,14 @@ def main() -> None:
   common.write_checkpoint_if_missing(a.ckpt_dir, num_layers=a.layers)
   cfg = ModelConfig.from_file(os.path.join(a.ckpt_dir, "config.json"))
   peak = common.matmul_peak(common.model_matmul_shapes(cfg, a.batch * a.seq))
-  results = {m: run_mode(a, m) for m in a.modes.split(",")}
+  results = {}
+  for m in a.modes.split(","):
+    results[m] = run_mode(a, m)
+    common.write_json(
+      os.path.join(tempfile.gettempdir(), "bench_train.partial.json"),
+      {"settings": vars(a), "results": results},
+      before,
+    )
   peak_after = common.matmul_peak(common.model_matmul_shapes(cfg, a.batch * a.seq))
   if peak_after["best"] > peak["best"]:  # a shared machine: the best seen is the peak
     peak = peak_after
