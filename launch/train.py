@@ -20,10 +20,17 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   common.init_distributed()
+  from jax import errors as jax_errors
+
   from lora_jax.run_config import from_dict  # after distributed init: nothing may touch jax
   from lora_jax.train import train
 
-  result = train(from_dict(FLAGS.config), FLAGS.workdir)
+  cfg = from_dict(FLAGS.config)
+  try:
+    result = train(cfg, FLAGS.workdir)
+  except jax_errors.JaxRuntimeError as e:
+    common.exit_if_peer_lost(e, FLAGS.workdir)
+    raise
   logging.info("finished: %s", result)
   if result.status == "nan":
     raise SystemExit(

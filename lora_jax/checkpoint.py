@@ -57,6 +57,7 @@ class Checkpointer:
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._pending: int | None = None  # the step being written in the background
+    self._reported = False  # a failed write was raised as CheckpointWriteError
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -86,6 +87,9 @@ class Checkpointer:
     try:
       yield
     except (OSError, ValueError) as e:
+      if self._reported:  # Orbax raises a failed background write again at every wait
+        return
+      self._reported = True
       failed = self._pending if self._pending is not None else step
       self._pending = None
       self.manager.reload()
@@ -182,7 +186,16 @@ class Checkpointer:
     try:
       self.wait()
     finally:
-      self.manager.close()
+      with self._writing(None):
+        self.manager.close()
+
+
+def committed_steps(directory: str) -> list[int]:
+  """The steps Orbax committed in `directory`, read from the directory names alone (no manager,
+  so no barrier: usable when another process has died). In-progress writes are tmp-suffixed."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
 def _all_processes_read(ok: bool) -> bool:

@@ -13,7 +13,7 @@ from lora_jax.sharding import make_mesh
 from lora_jax.train import compile_step, init_state
 
 # Every mesh shape the other tests train or load on (test_train, test_sharding, test_sampling,
-# test_train_processes), and one device.
+# tests/faults/test_fault_processes), and one device.
 MESHES = [
   "fsdp:1",
   "fsdp:8",

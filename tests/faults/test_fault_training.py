@@ -2,6 +2,7 @@
 chosen step, a full disk while saving. Each run is compared with one uninterrupted run of the
 same config (6 steps, a checkpoint every 2, dropout on so the RNG matters)."""
 
+import dataclasses
 import os
 import resource
 import shutil
@@ -144,22 +145,32 @@ def test_nan_at_a_chosen_step_stops_before_saving_it(run, tmp_path, caplog, monk
   )
 
 
-def test_disk_full_while_saving_fails_in_one_line_and_resumes(run, tmp_path, monkeypatch, fault):
-  """The file-size limit (RLIMIT_FSIZE: writes fail with EFBIG as on a full disk) is set just
-  before checkpoint 4 is written, in this process, and lifted after the run stops."""
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_disk_full_while_saving_fails_in_one_line_and_resumes(
+  run, tmp_path, monkeypatch, fault, async_save
+):
+  """The file-size limit (RLIMIT_FSIZE: writes fail with EFBIG as on a full disk) is set once
+  checkpoint 2 is complete, just before checkpoint 4 is written, in this process, and lifted
+  after the run stops. Asynchronously, the write fails in Orbax's background thread and is
+  reported at the next save or at the end."""
   workdir = tmp_path / "full"
   soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
   save = Checkpointer.save
 
   def save_on_a_full_disk(self, step, *args, **kwargs):
     if step == 4:
+      self.wait()
       resource.setrlimit(resource.RLIMIT_FSIZE, (64, hard))
     return save(self, step, *args, **kwargs)
 
+  cfg = run["cfg"]
+  cfg = dataclasses.replace(
+    cfg, checkpoint=dataclasses.replace(cfg.checkpoint, async_save=async_save)
+  )
   monkeypatch.setattr(Checkpointer, "save", save_on_a_full_disk)
   try:
     with pytest.raises(OSError) as e:
-      train_lib.train(run["cfg"], str(workdir))
+      train_lib.train(cfg, str(workdir))
   finally:
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
   message = str(e.value)
@@ -168,12 +179,13 @@ def test_disk_full_while_saving_fails_in_one_line_and_resumes(run, tmp_path, mon
   assert "the last complete checkpoint is step 2" in message, message
   monkeypatch.undo()
   assert _steps(workdir) == [2]
-  result = train_lib.train(run["cfg"], str(workdir))
+  result = train_lib.train(cfg, str(workdir))
   assert (result.status, result.step) == ("done", 6)
   _assert_same_adapter(workdir, run)
   fault.record(
     fault="disk full while saving",
-    injected="RLIMIT_FSIZE of 64 bytes set just before checkpoint 4 is written (EFBIG, as ENOSPC)",
+    injected="RLIMIT_FSIZE of 64 bytes set just before checkpoint 4 is written (EFBIG, as "
+    "ENOSPC), with synchronous and with asynchronous (background) checkpoint writes",
     lost="steps 3-4 (checkpoint 4 never committed; Orbax's tmp directory is ignored)",
     check="the run stops with one line naming the step, the directory and the last complete "
     "checkpoint (2); a rerun with space resumes from 2, adapter bitwise equal",
