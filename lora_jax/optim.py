@@ -64,6 +64,20 @@ def learning_rate_schedule(
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), main], [warmup_steps])
 
 
+def masked_weight_decay(weight_decay: float) -> optax.GradientTransformation:
+  """optax.add_decayed_weights on the params `decay_mask` selects. Its own `mask=` would wrap the
+  (empty) state in a MaskedState: a new optimizer-state tree, on which the checkpoints written
+  before the mask existed no longer restore. This keeps add_decayed_weights' EmptyState."""
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("weight decay needs the params: pass them to update()")
+    decay = lambda g, p, m: g + weight_decay * p if m else g
+    return jax.tree.map(decay, updates, params, decay_mask(params)), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(
   train: TrainConfig, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -72,17 +86,13 @@ def make_optimizer(
   parts = []
   if train.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(train.clip_norm))
-  parts.append(
-    optax.adamw(
-      schedule,
-      b1=train.b1,
-      b2=train.b2,
-      eps=train.eps,
-      weight_decay=train.weight_decay,
-      mask=decay_mask,
-    )
+  # optax.adamw, with the decay masked.
+  adamw = optax.chain(
+    optax.scale_by_adam(b1=train.b1, b2=train.b2, eps=train.eps),
+    masked_weight_decay(train.weight_decay),
+    optax.scale_by_learning_rate(schedule),
   )
-  return optax.chain(*parts), schedule
+  return optax.chain(*parts, adamw), schedule
 
 
 def init_opt_state(tx: optax.GradientTransformation, params, mesh):
