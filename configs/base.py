@@ -14,8 +14,8 @@ def get_config() -> ConfigDict:
   c.model = ConfigDict()
   c.model.source = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"  # HF dir, hub id or .gguf
   c.model.tokenizer = ""  # tokenizer source; "" = model.source
-  c.model.dtype = "float32"  # param (master) dtype
-  c.model.compute_dtype = ""  # "" = dtype; "bfloat16" for mixed precision on GPU/TPU
+  c.model.dtype = ""  # param (master) dtype; "" = as train.precision sets it
+  c.model.compute_dtype = ""  # "" = as train.precision sets it
   c.model.remat = "none"  # none | full | dots
   # auto | xla | cudnn | splash; auto = cuDNN flash attention on GPU (bf16/fp16), Pallas splash
   # attention on TPU, plain XLA on CPU (lora_jax/attention.py)
@@ -53,6 +53,9 @@ def get_config() -> ConfigDict:
   c.train.seed = 0
   c.train.loss_chunk = 0  # > 0: compute logits this many tokens at a time (saves memory)
   c.train.peak_flops = 0.0  # per-device peak for MFU; 0 = known accelerator table / CPU measured
+  # float32 | mixed (float32 master, bf16 compute) | reference (the reference's torch numerics:
+  # LoRA on a bf16 base under fp16 autocast with GradScaler loss scaling, full FT in pure bf16)
+  c.train.precision = "float32"
 
   c.lora = ConfigDict()
   c.lora.rank = 1

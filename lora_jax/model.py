@@ -118,6 +118,9 @@ class Decoder(nnx.Module):
     self.config = config
     self.mesh = mesh
     self.dtype = jnp.dtype(dtype or param_dtype).name  # compute dtype (static)
+    # The residual stream's dtype; float32 under float16 compute reproduces torch's autocast,
+    # whose residual adds promote to float32 (lora_jax.precision).
+    self.residual_dtype = self.dtype
     self.remat = remat
     self.attention = attention  # attention implementation (`attention.py`), resolved when traced
     self.lora_dropout = 0.0  # set by lora.py; applied only when a dropout rng is passed
@@ -164,6 +167,7 @@ class Decoder(nnx.Module):
   def logits(self, hidden, *, weight_major: bool = False):
     """float32 logits [B, T, V] of hidden states [B, T, D] (see `dense` for `weight_major`)."""
     head = (self.embed[...] if self.lm_head is None else self.lm_head[...]).astype(self.dtype)
+    hidden = hidden.astype(self.dtype)
     if weight_major:
       out = matmul_weight_major(hidden, head, jnp.float32)
     else:
@@ -171,8 +175,8 @@ class Decoder(nnx.Module):
     return constrain(out, self.mesh, ("batch", "seq", "act_vocab"))
 
   def embed_tokens(self, input_ids):
-    """Token embeddings [B, T, D] in the compute dtype."""
-    x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
+    """Token embeddings [B, T, D] in the residual stream's dtype."""
+    x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.residual_dtype)
     return constrain(x, self.mesh, ("batch", "seq", "act_embed"))
 
   def final_normed(self, x):
@@ -309,7 +313,7 @@ def dense(x, p: dict, dtype, *, weight_major=False, dropout_rng=None, dropout: f
   round; an optimization barrier stops XLA from swapping the operands back when the small result
   is transposed. Many rows (training, prefill) use the token-major form, which has the custom
   backward of `linear`."""
-  w = p["kernel"].astype(dtype)
+  x, w = x.astype(dtype), p["kernel"].astype(dtype)  # the input too, as autocast casts it
   y = matmul_weight_major(x, w) if weight_major else linear(x, w)
   if p.get("bias") is not None:
     y = y + p["bias"].astype(dtype)

@@ -19,6 +19,7 @@ from flax import nnx
 from lora_jax import checkpoint as ckpt_lib
 from lora_jax import lora as lora_lib
 from lora_jax.io import load_pretrained, load_tokenizer
+from lora_jax.precision import numerics
 from lora_jax.run_config import RunConfig, from_dict
 
 
@@ -33,6 +34,7 @@ def build_model(cfg: RunConfig, mesh=None):
     remat=m.remat,
     attention=m.attention,
   )
+  model.residual_dtype = numerics(cfg.train.precision, cfg.train.mode).residual_dtype
   tokenizer = load_tokenizer(m.tokenizer_source)
   if cfg.adapter is not None:
     lora_lib.apply_lora(model, cfg.adapter, seed=cfg.train.seed)

@@ -24,6 +24,7 @@ from lora_jax.lora import LoRAConfig, LoRAError, parse_layers, resolve_targets
 from lora_jax.optim import SCHEDULES
 from lora_jax.ortho import K_MODES, OrthoConfig
 from lora_jax.ortho import MODES as ORTHO_MODES
+from lora_jax.precision import PRECISIONS, numerics
 from lora_jax.sharding import MeshError, parse_mesh_spec
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,8 @@ class RunConfigError(ValueError):
 class ModelSpec:
   source: str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"  # HF dir, hub id or .gguf
   tokenizer: str = ""  # "" = source
-  dtype: str = "float32"  # param (master) dtype
-  compute_dtype: str = ""  # "" = dtype
+  dtype: str = "float32"  # param (master) dtype; set by train.precision
+  compute_dtype: str = "float32"  # set by train.precision
   remat: str = "none"
   attention: str = "auto"  # auto | xla | cudnn | splash (lora_jax/attention.py)
 
@@ -69,6 +70,7 @@ class TrainConfig:
   seed: int = 0
   loss_chunk: int = 0  # > 0: logits this many tokens at a time
   peak_flops: float = 0.0  # per-device peak for MFU; 0 = known table / measured on CPU
+  precision: str = "float32"  # reference | mixed | float32 (lora_jax.precision)
 
   def total_steps(self, steps_per_epoch: int) -> int:
     return self.steps or self.epochs * steps_per_epoch
@@ -282,7 +284,7 @@ _TARGETS = _parsed(
 RULES: dict[str, Rule] = {
   "model.source": _text(nonempty=True),
   "model.tokenizer": _text(),
-  "model.dtype": _choice(DTYPES),
+  "model.dtype": _choice(("",) + DTYPES),
   "model.compute_dtype": _choice(("",) + DTYPES),
   "model.remat": _choice(REMAT),
   "model.attention": _choice(ATTENTION),
@@ -315,6 +317,7 @@ RULES: dict[str, Rule] = {
   "train.seed": _int(0),
   "train.loss_chunk": _int(0),
   "train.peak_flops": _float(0.0),
+  "train.precision": _choice(PRECISIONS),
   "lora.rank": _int(1),
   "lora.alpha": _float(0.0, low_open=True),
   "lora.dropout": _float(0.0, 1.0, high_open=True),
@@ -371,6 +374,7 @@ def from_dict(config, *, strict: bool = True) -> RunConfig:
       kwargs[field] = RULES[key].convert(key, given[field]) if field in given else default
     sections[name] = cls(**kwargs)
   sections["data"] = _resolve_data_seed(sections["data"], sections["train"], raw)
+  sections["model"], sections["train"] = _resolve_dtypes(sections["model"], sections["train"], raw)
   cfg = RunConfig(**sections)
   _check_together(cfg)
   return cfg
@@ -397,6 +401,35 @@ def _resolve_data_seed(data: DataConfig, train: TrainConfig, raw: Mapping) -> Da
   """data.seed None (the default) means train.seed."""
   given = (raw.get("data") or {}).get("seed")
   return dataclasses.replace(data, seed=train.seed if given is None else data.seed)
+
+
+def _resolve_dtypes(model: ModelSpec, train: TrainConfig, raw: Mapping):
+  """model.dtype / compute_dtype are what train.precision says ("" = that; another value is an
+  error). A config.json from before train.precision had only the dtypes ("" compute = dtype):
+  the precision that trains with them is read from them."""
+  if "precision" not in (raw.get("train") or {}):
+    have = (model.dtype or "float32", model.compute_dtype or model.dtype or "float32")
+    known = [p for p in PRECISIONS if have == _dtypes(p, train.mode)]
+    if not known:
+      raise RunConfigError(
+        f"config.model.dtype={model.dtype!r}, model.compute_dtype={model.compute_dtype!r}: "
+        f"expected dtypes one of train.precision={', '.join(PRECISIONS)} gives in train.mode="
+        f"{train.mode!r}; set train.precision"
+      )
+    train = dataclasses.replace(train, precision=known[0])
+  want = _dtypes(train.precision, train.mode)
+  for field, value in zip(("dtype", "compute_dtype"), want):
+    if getattr(model, field) not in ("", value):
+      raise RunConfigError(
+        f"config.model.{field}={getattr(model, field)!r}: expected '' or {value!r} "
+        f"(train.precision={train.precision!r} sets it in train.mode={train.mode!r})"
+      )
+  return dataclasses.replace(model, dtype=want[0], compute_dtype=want[1]), train
+
+
+def _dtypes(precision: str, mode: str) -> tuple[str, str]:
+  n = numerics(precision, mode)
+  return n.param_dtype, n.compute_dtype
 
 
 def _check_together(cfg: RunConfig) -> None:

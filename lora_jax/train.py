@@ -26,6 +26,7 @@ from flax import nnx
 
 from lora_jax import checkpoint as ckpt_lib
 from lora_jax import ortho as ortho_lib
+from lora_jax import precision as precision_lib
 from lora_jax.data import DataIterator, Examples, load_examples, make_iterator, pad_token_id
 from lora_jax.lora import resolve_layers
 from lora_jax.metrics_log import MetricsWriter, flops_per_token, peak_flops_per_device
@@ -93,9 +94,68 @@ def make_train_step(
   """step(trainable, opt_state, frozen, batch, step_index) -> (trainable, opt_state, metrics)."""
   accum, loss_chunk, seed = train.grad_accum, train.loss_chunk, train.seed
 
-  def loss_sum(trainable, frozen, batch, rng):
-    model = nnx.merge(graphdef, trainable, frozen)
-    return token_loss(model, batch, rng, loss_chunk)
+  def objective(trainable, frozen, batch, rng, factor):
+    """What is differentiated: the NLL sum, or with loss scaling (factor = scale / tokens) the
+    mean NLL times the scale, as torch scales the Trainer's loss before backward. Aux: the sum."""
+    nll, _ = token_loss(nnx.merge(graphdef, trainable, frozen), batch, rng, loss_chunk)
+    return (nll if factor is None else nll * factor), nll
+
+  gradients = _summed_gradients(objective, accum)
+
+  def step(trainable, opt_state, frozen, batch, step_index):
+    rng = jax.random.fold_in(jax.random.key(seed), step_index)
+    count = jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32))
+    denom = jnp.maximum(count, 1.0)
+    scale = precision_lib.current_scale(opt_state)
+    factor = None if scale is None else scale / denom
+    nll, grads = gradients(trainable, frozen, batch, rng, factor)
+    if scale is None:
+      grads = jax.tree.map(lambda g: g / denom, grads)
+    else:
+      grads = precision_lib.unscale(grads, scale)
+    # In the params' dtype, as torch's .grad: pure bfloat16 keeps bfloat16 Adam moments.
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
+    loss = nll / denom
+    metrics = {"loss": loss, "tokens": count}
+    if ortho is not None:
+      reg, reg_grads = jax.value_and_grad(_penalty(graphdef, spans, ortho))(trainable, frozen)
+      grads = jax.tree.map(lambda g, r: g + ortho.beta * r, grads, reg_grads)
+      metrics["ortho_penalty"] = reg
+      metrics["total_loss"] = loss + ortho.beta * reg
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["lr"] = schedule(precision_lib.schedule_step(opt_state, step_index))
+    trainable, opt_state, scaler_metrics = precision_lib.apply(tx, grads, opt_state, trainable)
+    return trainable, opt_state, metrics | scaler_metrics
+
+  return step
+
+
+def _summed_gradients(objective, accum: int):
+  """gradients(trainable, frozen, batch, rng, factor) -> (NLL sum, the objective's gradients
+  summed over `accum` micro-batches)."""
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+  def gradients(trainable, frozen, batch, rng, factor):
+    if accum == 1:  # no accumulation buffer: one less copy of the trainable params in memory
+      (_, nll), grads = grad_fn(trainable, frozen, batch, jax.random.fold_in(rng, 0), factor)
+      return nll, grads
+    micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+    def one(carry, xs):
+      mb, i = xs
+      (_, nll), g = grad_fn(trainable, frozen, mb, jax.random.fold_in(rng, i), factor)
+      grads, nll_acc = carry
+      return (jax.tree.map(jnp.add, grads, g), nll_acc + nll), None
+
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    (grads, nll), _ = jax.lax.scan(one, (zeros, 0.0), (micro, jnp.arange(accum)))
+    return nll, grads
+
+  return gradients
+
+
+def _penalty(graphdef, spans, ortho: OrthoConfig):
+  """penalty(trainable, frozen): the orthogonal regulariser's beta-free sum."""
 
   def penalty(trainable, frozen):
     model = nnx.merge(graphdef, trainable, frozen)
@@ -109,37 +169,7 @@ def make_train_step(
     scales = {n: getattr(model.layers, n).lora_scale[...] for n in spans}
     return ortho_lib.total_penalty(params, spans, scales, ortho)
 
-  def step(trainable, opt_state, frozen, batch, step_index):
-    rng = jax.random.fold_in(jax.random.key(seed), step_index)
-    micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
-    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
-
-    def one(carry, xs):
-      mb, i = xs
-      (nll, count), g = grad_fn(trainable, frozen, mb, jax.random.fold_in(rng, i))
-      grads, nll_acc, count_acc = carry
-      return (jax.tree.map(jnp.add, grads, g), nll_acc + nll, count_acc + count), None
-
-    if accum == 1:  # no accumulation buffer: one less copy of the trainable params in memory
-      (nll, count), grads = grad_fn(trainable, frozen, batch, jax.random.fold_in(rng, 0))
-    else:
-      zeros = jax.tree.map(jnp.zeros_like, trainable)
-      (grads, nll, count), _ = jax.lax.scan(one, (zeros, 0.0, 0.0), (micro, jnp.arange(accum)))
-    denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
-    loss = nll / denom
-    metrics = {"loss": loss, "tokens": count}
-    if ortho is not None:
-      reg, reg_grads = jax.value_and_grad(penalty)(trainable, frozen)
-      grads = jax.tree.map(lambda g, r: g + ortho.beta * r, grads, reg_grads)
-      metrics["ortho_penalty"] = reg
-      metrics["total_loss"] = loss + ortho.beta * reg
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["lr"] = schedule(step_index)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, metrics
-
-  return step
+  return penalty
 
 
 def make_eval_step(graphdef, loss_chunk: int = 0):
@@ -201,6 +231,7 @@ class State:
 def init_state(cfg: RunConfig, model, total_steps: int, mesh) -> State:
   """Split `model` (its trainable buffers are donated: do not use `model` afterwards)."""
   tx, schedule = make_optimizer(cfg.train, total_steps)
+  tx = precision_lib.maybe_scaled(tx, cfg.train.precision, cfg.train.mode)
   ortho = cfg.regulariser
   spans = None
   if ortho is not None:
@@ -210,6 +241,8 @@ def init_state(cfg: RunConfig, model, total_steps: int, mesh) -> State:
   trainable = own_buffers(trainable)
   opt_state = init_opt_state(tx, trainable, mesh)
   fingerprint = ckpt_lib.model_fingerprint(model.config, cfg.train.mode, cfg.adapter)
+  if cfg.train.precision == "reference":  # its state differs: a loss scaler, bfloat16 weights
+    fingerprint["precision"] = "reference"
   return State(
     graphdef, trainable, frozen, opt_state, tx, schedule, spans, model.config, fingerprint
   )
@@ -295,7 +328,11 @@ class _Loop:
         t0 = time.perf_counter()
         metrics = self._step(batch, step)
         step, loss = step + 1, metrics["loss"]
-        if not math.isfinite(loss) or not math.isfinite(metrics["grad_norm"]):
+        if metrics.get("step_skipped"):  # the loss scaler skipped it, as GradScaler does
+          log.warning(
+            "step %d skipped: inf/NaN gradients; loss scale now %g", step, metrics["loss_scale"] / 2
+          )
+        elif not math.isfinite(loss) or not math.isfinite(metrics["grad_norm"]):
           status = "nan"
           self._report_nan(step, metrics)
           break

@@ -13,7 +13,7 @@ LAYERS = [
   {"config", "sharding", "jsonl"},
   {"attention"},
   {"model", "answers", "metrics_log"},
-  {"lora", "data"},
+  {"lora", "data", "precision"},
   {"io", "ortho", "optim", "checkpoint", "sampling"},
   {"run_config"},
   {"run", "__init__"},

@@ -82,7 +82,7 @@ def test_grad_accumulation_equals_one_big_batch(run_dir, tmp_path):
 def test_full_finetune_with_bf16_compute(run_dir, tmp_path):
   cfg = tiny_run(
     run_dir,
-    **{"train.mode": "full", "train.steps": 2, "train.lr": 1e-4, "model.compute_dtype": "bfloat16"},
+    **{"train.mode": "full", "train.steps": 2, "train.lr": 1e-4, "train.precision": "mixed"},
   )
   assert train(cfg, str(tmp_path / "full")).status == "done"
   assert all(np.isfinite(train_losses(tmp_path / "full")))

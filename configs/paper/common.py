@@ -44,8 +44,7 @@ def paper_config(size: str):
   cosine without warm-up, clip 1.0, global batch 2, no accumulation, a checkpoint every epoch."""
   c = base.get_config()
   c.model.source, _ = MODELS[size]
-  c.model.dtype = "float32"  # master weights; compute in bf16 (the reference autocasts)
-  c.model.compute_dtype = "bfloat16"
+  c.train.precision = "reference"  # the reference's torch numerics (lora_jax/precision.py)
   c.model.remat = "none" if size in ("1.5b", "7b") else "full"
   c.data.source = "TianshengHuang/DirectRefusal"
   c.data.format = "direct_refusal"

@@ -1,5 +1,7 @@
 """Full fine-tuning as the reference: lr 5e-5, 5 epochs (the 32B model: 1 epoch, as the
-reference's README runs it with DeepSpeed ZeRO-3), sharded with FSDP.
+reference's README runs it with DeepSpeed ZeRO-3), pure bfloat16 (train.precision="reference":
+bfloat16 weights and AdamW moments, as its 7B/14B runs; its 32B run used DeepSpeed's float16 with
+float32 master weights instead, which we do not reproduce), sharded with FSDP.
 
   --config=configs/paper/full.py:7b
 """

@@ -26,6 +26,7 @@ from lora_jax import ortho as ortho_lib
 from lora_jax.config import ModelConfig
 from lora_jax.model import Decoder
 from lora_jax.optim import init_opt_state, make_optimizer
+from lora_jax.precision import maybe_scaled, numerics
 from lora_jax.run import split_trainable
 from lora_jax.run_config import RunConfig
 from lora_jax.sampling import steps as sampling_steps
@@ -101,6 +102,8 @@ def abstract_model(
       remat=m.remat,
       attention=m.attention,
     )
+    if dtype is None:  # the training model's residual stream (lora_jax.precision)
+      model.residual_dtype = numerics(cfg.train.precision, cfg.train.mode).residual_dtype
     if adapter and cfg.adapter is not None:
       lora_lib.apply_lora(model, cfg.adapter, seed=cfg.train.seed)
     return model
@@ -127,6 +130,7 @@ def train_inputs(cfg: RunConfig, config: ModelConfig, mesh) -> TrainInputs:
   graphdef, trainable, frozen = split_trainable(model, cfg.train.mode)
   trainable, frozen = with_shardings(trainable, mesh), with_shardings(frozen, mesh)
   tx, schedule = make_optimizer(cfg.train, _PLANNED_STEPS)
+  tx = maybe_scaled(tx, cfg.train.precision, cfg.train.mode)
   opt_state = init_opt_state(tx, trainable, mesh)
   rows, length = cfg.train.batch_size, cfg.data.max_length
   token = jax.ShapeDtypeStruct(
