@@ -10,8 +10,10 @@
              torch.amp.GradScaler. Under autocast the residual adds are bfloat16 + float16 and
              float32 + float16, which torch promotes to float32, so the residual stream and the
              norms run in float32 while every projection and attention run in float16; here the
-             residual stream is float32 from the embedding on (the reference's first norm sees a
-             bfloat16 input: one rounding in layer 0 we do not copy).
+             residual stream is float32 from the embedding on. Roundings we do not copy: the
+             reference's first norm sees a bfloat16 input (layer 0 only), its lm_head returns
+             float16 logits (ours accumulate into float32), and PEFT multiplies LoRA's float16
+             product by alpha / r in float16 (ours in float32, then rounded).
     full     pure bfloat16 (`bf16=True` on a bfloat16 model): bfloat16 weights, gradients and
              AdamW moments (torch keeps optimizer state in the param dtype), no float32 master.
 
