@@ -122,6 +122,7 @@ def _poison_at(step_to_poison: int):
   return poisoned
 
 
+@pytest.mark.slow
 def test_nan_at_a_chosen_step_stops_before_saving_it(run, tmp_path, caplog, monkeypatch, fault):
   workdir = tmp_path / "nan"
   monkeypatch.setattr(train_lib, "make_train_step", _poison_at(5))
@@ -145,6 +146,7 @@ def test_nan_at_a_chosen_step_stops_before_saving_it(run, tmp_path, caplog, monk
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_disk_full_while_saving_fails_in_one_line_and_resumes(
   run, tmp_path, monkeypatch, fault, async_save
