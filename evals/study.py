@@ -161,8 +161,13 @@ class _Runner:
       import lora_jax
 
       base = self.study.base
+      # In the dtypes the variants train and are evaluated in (train.precision), so the base's
+      # row differs from theirs by the training only.
+      model = lora_jax.load_pretrained(
+        base.source, dtype=base.dtype, compute_dtype=base.compute_dtype, attention=base.attention
+      )
       self._base = (
-        lora_jax.load_pretrained(base.source),
+        model,
         lora_jax.load_tokenizer(base.tokenizer_source),
       )
     return self._base
