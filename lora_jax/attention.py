@@ -93,14 +93,15 @@ def self_attend(name: str, dtype, positions, segment_ids, mesh=None):
 
 def cache_attend(name: str, dtype, positions, cache_len: int, mesh=None):
   """The sampler's attention over a KV cache k/v [B,S,K,hd] whose slot is the position, as a
-  function (q, k, v) -> out: a query at `positions` p sees slots <= p. One query per row over a
-  cache longer than `DECODE_WHOLE_UP_TO` uses `decode_attention`; prefill chunks use the
-  configured implementation with the slot mask (splash, whose masks are static, falls back to
-  xla there)."""
-  if positions.shape[1] == 1 and cache_len > DECODE_WHOLE_UP_TO:
+  function (q, k, v) -> out: a query at `positions` p sees slots <= p. Decoding (one query per
+  row, memory-bound) takes `decode_attention` over a cache longer than `DECODE_WHOLE_UP_TO` and
+  the plain path over a shorter one, on every backend. Prefill chunks use the configured
+  implementation with the slot mask (splash, whose masks are static, falls back to xla there)."""
+  decoding = positions.shape[1] == 1
+  if decoding and cache_len > DECODE_WHOLE_UP_TO:
     return lambda q, k, v: decode_attention(q, k, v, positions)
   allowed = jnp.arange(cache_len)[None, None, :] <= positions[:, :, None]
-  if resolve(name, dtype, _platform(mesh)) == "cudnn":
+  if not decoding and resolve(name, dtype, _platform(mesh)) == "cudnn":
     return lambda q, k, v: dot_product(q, k, v, allowed, "cudnn")
   return lambda q, k, v: plain(q, k, v, allowed)
 
