@@ -87,16 +87,20 @@ class Checkpointer:
     try:
       yield
     except (OSError, ValueError) as e:
-      if self._reported:  # Orbax raises a failed background write again at every wait
+      if not _is_io_error(e):  # e.g. Orbax's StepAlreadyExistsError: a bug, not the disk
+        raise
+      if self._reported and step is None:  # Orbax raises a failed write again at every wait
         return
       self._reported = True
       failed = self._pending if self._pending is not None else step
       self._pending = None
       self.manager.reload()
       reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
+      full = any(s in reason for s in ("File too large", "No space left", "quota exceeded"))
       raise CheckpointWriteError(
-        f"could not write checkpoint step {failed} to {self.directory}: {reason[:300]} (is the "
-        f"disk full?); the last complete checkpoint is step {self.latest_step()}"
+        f"could not write checkpoint step {failed} to {self.directory}: {reason[:300]}"
+        f"{' (the disk is full?)' if full else ''}; the last complete checkpoint is step "
+        f"{self.latest_step()}"
       ) from e
 
   def read_meta(self, step: int | None = None) -> dict:
@@ -188,6 +192,13 @@ class Checkpointer:
     finally:
       with self._writing(None):
         self.manager.close()
+
+
+def _is_io_error(e: Exception) -> bool:
+  """An OSError, or tensorstore's report of one (a ValueError naming the OS error)."""
+  return isinstance(e, OSError) or any(
+    s in str(e) for s in ("os_error_code", "Error writing", "Failed writing")
+  )
 
 
 def committed_steps(directory: str) -> list[int]:

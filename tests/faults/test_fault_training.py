@@ -179,6 +179,7 @@ def test_disk_full_while_saving_fails_in_one_line_and_resumes(
   assert "\n" not in message, message
   assert message.startswith(f"could not write checkpoint step 4 to {workdir}/checkpoints")
   assert "the last complete checkpoint is step 2" in message, message
+  assert "File too large (the disk is full?)" in message, message
   monkeypatch.undo()
   assert _steps(workdir) == [2]
   result = train_lib.train(cfg, str(workdir))
