@@ -17,6 +17,7 @@ peak RSS <= 1.0x theirs.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -194,6 +195,11 @@ def main() -> None:
   )
   p.add_argument("--ckpt_dir", default=None)
   p.add_argument("--out", default="benchmarks/results/train.json")
+  p.add_argument(
+    "--from_partial",
+    default=None,
+    help="finish from the partial JSON an interrupted run left (its finished modes)",
+  )
   a = p.parse_args()
   if a.worker:
     return worker_jax(a) if a.side == "jax" else worker_torch(a)
@@ -209,10 +215,18 @@ def main() -> None:
   cfg = ModelConfig.from_file(os.path.join(a.ckpt_dir, "config.json"))
   peak = common.matmul_peak(common.model_matmul_shapes(cfg, a.batch * a.seq))
   results = {}
+  if a.from_partial:
+    with open(a.from_partial) as f:
+      partial = json.load(f)
+    results, before = partial["results"], dict(partial["machine"])
+    before["load_average"] = before.get("load_average_before", before["load_average"])
+    a.modes = ",".join(results)
   for m in a.modes.split(","):
+    if m in results:
+      continue
     results[m] = run_mode(a, m)
     common.write_json(
-      os.path.join(tempfile.gettempdir(), "bench_train.partial.json"),
+      os.path.join(tempfile.gettempdir(), f"bench_train.{os.getpid()}.partial.json"),
       {"settings": vars(a), "results": results},
       before,
     )
