@@ -11,6 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import QWEN25_05B  # noqa: E402
 
 BEGIN, END = "<!-- bench_table: begin -->", "<!-- bench_table: end -->"
 GiB = 1 << 30
@@ -37,18 +41,30 @@ def _mark(v: float, target: float, at_most: bool = False) -> str:
   return "met" if (v <= target if at_most else v >= target) else "**missed**"
 
 
+def _fpt(model: dict, seq: int, full: bool) -> float:
+  from lora_jax.config import ModelConfig
+  from lora_jax.metrics_log import flops_per_token
+
+  return flops_per_token(ModelConfig(**model), seq, full)
+
+
 def train_epoch_row(d: dict) -> list[str]:
   s, parts = d["settings"], []
+  tokens = d["data"]["tokens"]
   for mode, r in d["results"].items():
     w = r["wall_s"]
+    # Model FLOPs per CPU second: unlike wall-clock MFU, time slicing by other processes does
+    # not move it, so it is the roofline figure on a shared machine.
+    flops = _fpt(d["model"], tokens // d["data"]["rows"], mode == "full") * tokens
+    per_cpu = {k: flops / r["cpu_s"][k]["median"] / 1e9 for k in ("lora_jax", "transformers")}
     parts.append(
       f"{mode}: {r['ratio_of_medians']:.2f}x ({w['transformers']['median']:.0f} s vs "
       f"{w['lora_jax']['median']:.0f} s; CPU "
       f"{r['cpu_s']['transformers']['median'] / r['cpu_s']['lora_jax']['median']:.2f}x) "
       f"{_mark(r['ratio_of_medians'], r['target'])}; our compile "
       f"{r['ours_setup']['compile_s']:.0f} s, padding {100 * r['ours_padding_fraction']:.0f}% "
-      f"(theirs {100 * r['theirs_padding_fraction']:.0f}%), MFU "
-      f"{100 * r['mfu']['lora_jax']:.0f}% vs {100 * r['mfu']['transformers']:.0f}%"
+      f"(theirs {100 * r['theirs_padding_fraction']:.0f}%), model GFLOP per CPU second "
+      f"{per_cpu['lora_jax']:.0f} vs {per_cpu['transformers']:.0f}"
     )
   what = (
     f"an epoch of {s['rows']} STAR-1 rows ({d['data']['tokens']} tokens, R1 tokenizer), batch 2, "
@@ -104,7 +120,16 @@ def train_row(d: dict) -> list[str]:
   if "full_peak_rss_vs_theirs" in ratios:
     v = ratios["full_peak_rss_vs_theirs"]
     parts.append(f"full RSS {v:.2f}x {_mark(v, 1.0, at_most=True)}")
-  mfu = ", ".join(f"{m} MFU {100 * x['lora_jax']['mfu']:.0f}%" for m, x in r.items())
+  tokens = s["batch"] * s["seq"] * s["steps"]
+  model = d.get("model") or dict(QWEN25_05B, num_layers=s["layers"])
+  mfu = ", ".join(
+    f"{m} model GFLOP per CPU s "
+    + " vs ".join(
+      f"{_fpt(model, s['seq'], m == 'full') * tokens / x[k]['cpu_s']['median'] / 1e9:.0f}"
+      for k in ("lora_jax", "transformers")
+    )
+    for m, x in r.items()
+  )
   what = (
     f"LoRA r8 all-linear and full FT, batch 2 x seq {s['seq']}, {s['layers']}-layer model, vs "
     f"transformers + PEFT ({r[next(iter(r))]['setup']['transformers']['adamw']} AdamW)"
@@ -131,8 +156,8 @@ def sample_row(d: dict) -> list[str]:
 
 def ab_row(d: dict) -> list[str]:
   parts = [
-    f"{case} {r['new_over_old_speed']:.2f} ({r['per_round']['min']:.2f}-"
-    f"{r['per_round']['max']:.2f})"
+    f"{case} {r['new_over_old_speed']:.2f} (rounds {r['per_round']['min']:.2f}-"
+    f"{r['per_round']['max']:.2f}; CPU {r['cpu_s']['old']['median'] / r['cpu_s']['new']['median']:.2f})"
     for case, r in d["results"].items()
   ]
   s = d["settings"]

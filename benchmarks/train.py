@@ -282,6 +282,7 @@ def main() -> None:
     {
       "benchmark": "train",
       "settings": {k: v for k, v in vars(a).items() if k not in ("worker", "side", "mode")},
+      "model": dict(common.QWEN25_05B, num_layers=a.layers),
       "matmul_peak": peak,
       "results": results,
       "ratios": ratios,
