@@ -58,6 +58,10 @@ def pair(a, name: str, script: str, args: list[str]) -> dict:
   print(f"{name}: set up (old {old.setup}, new {new.setup})", flush=True)
   runs = common.alternate([old, new], a.repeats)
   old.close(), new.close()
+  return compare(runs)
+
+
+def compare(runs: dict) -> dict:
   wall = {k: common.summary([r["wall_s"] for r in v]) for k, v in runs.items()}
   per_round = common.summary([o["wall_s"] / n["wall_s"] for o, n in zip(runs["old"], runs["new"])])
   return dict(
@@ -82,6 +86,7 @@ def main() -> None:
   p.add_argument("--cases", default="train_lora,train_full,decode_b1,decode_b8")
   p.add_argument("--ckpt_dir", default=None)
   p.add_argument("--out", default="benchmarks/results/ab_refactor.json")
+  p.add_argument("--from_log", default=None, help="the cases an interrupted run's log shows")
   a = p.parse_args()
   a.ckpt_dir = a.ckpt_dir or os.path.join(
     tempfile.gettempdir(), f"lora_jax_bench_qwen05b_{a.layers}l"
@@ -92,7 +97,10 @@ def main() -> None:
   common.write_checkpoint_if_missing(a.ckpt_dir, num_layers=a.layers)
   train_script = os.path.join(HERE, "train.py")
   results = {}
-  for case in a.cases.split(","):
+  if a.from_log:
+    for head, runs in common.runs_from_log(a.from_log):
+      results[head.split(":", 1)[0]] = dict(compare(runs), source=f"log: {head}")
+  for case in a.cases.split(",") if not a.from_log else ():
     if case.startswith("train_"):
       args = ["--side", "jax", "--mode", case[6:], "--steps", str(a.steps)]
       args += ["--seq", str(a.seq), "--ckpt_dir", a.ckpt_dir]

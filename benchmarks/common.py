@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -225,6 +226,29 @@ def alternate(workers: list[Worker], repeats: int, **kw) -> dict[str, list[dict]
         flush=True,
       )
   return runs
+
+
+_REPEAT = re.compile(r"^  repeat (\d+)/(\d+) (\S+): ([\d.]+) s wall, ([\d.]+) s CPU$")
+
+
+def runs_from_log(path: str) -> list[tuple[str, dict[str, list[dict]]]]:
+  """The repeats an interrupted run printed (`alternate`'s lines), per case: [(the case's set-up
+  line, {side: [{"wall_s", "cpu_s"}, ...]})]. Only rounds both sides finished are kept."""
+  cases: list[tuple[str, dict[str, list[dict]]]] = []
+  with open(path) as f:
+    for line in f:
+      m = _REPEAT.match(line.rstrip("\n"))
+      if "set up" in line and not m:
+        cases.append((line.strip(), {}))
+      elif m and cases:
+        side = cases[-1][1].setdefault(m[3], [])
+        side.append({"wall_s": float(m[4]), "cpu_s": float(m[5])})
+  out = []
+  for head, runs in cases:
+    n = min((len(v) for v in runs.values()), default=0)
+    if n:
+      out.append((head, {k: v[:n] for k, v in runs.items()}))
+  return out
 
 
 def summary(values: list[float]) -> dict:

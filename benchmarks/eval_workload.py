@@ -193,6 +193,19 @@ def torch_worker(a) -> None:
 
 
 # ---- the comparison -----------------------------------------------------------------------------
+def _from_log(path: str):
+  """(runs, our set-up, their set-up) from the log of a run that was stopped before it wrote
+  its JSON: the rounds both sides finished."""
+  import ast
+
+  ((head, runs),) = common.runs_from_log(path)
+  with open(path) as f:
+    text = f.read()
+  ours = ast.literal_eval(text.split("set up: ours ", 1)[1].split("\n", 1)[0])
+  theirs = ast.literal_eval(text.split("\ntheirs ", 1)[1].split("\n", 1)[0])
+  return runs, ours, theirs
+
+
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--worker", action="store_true")
@@ -208,6 +221,7 @@ def main() -> None:
   p.add_argument("--ckpt_dir", default=None)
   p.add_argument("--requests_file", default=None)
   p.add_argument("--out", default="benchmarks/results/eval_workload.json")
+  p.add_argument("--from_log", default=None, help="the rounds an interrupted run's log shows")
   a = p.parse_args()
   if a.worker:
     return jax_worker(a) if a.side == "jax" else torch_worker(a)
@@ -231,12 +245,17 @@ def main() -> None:
     flush=True,
   )
   args = ["--ckpt_dir", a.ckpt_dir, "--requests_file", a.requests_file]
-  ours = common.Worker("lora_jax", __file__, "--side", "jax", *args)
-  theirs_args = args + (["--try_compile"] if a.try_compile else [])
-  theirs = common.Worker("transformers", __file__, "--side", "torch", *theirs_args)
-  print(f"set up: ours {ours.setup}\ntheirs {theirs.setup}", flush=True)
-  runs = common.alternate([ours, theirs], a.repeats)
-  rss = {"lora_jax": ours.close()["peak_rss"], "transformers": theirs.close()["peak_rss"]}
+  if a.from_log:
+    runs, ours_setup, theirs_setup = _from_log(a.from_log)
+    rss, a.repeats = None, len(runs["lora_jax"])
+  else:
+    ours = common.Worker("lora_jax", __file__, "--side", "jax", *args)
+    theirs_args = args + (["--try_compile"] if a.try_compile else [])
+    theirs = common.Worker("transformers", __file__, "--side", "torch", *theirs_args)
+    ours_setup, theirs_setup = ours.setup, theirs.setup
+    print(f"set up: ours {ours_setup}\ntheirs {theirs_setup}", flush=True)
+    runs = common.alternate([ours, theirs], a.repeats)
+    rss = {"lora_jax": ours.close()["peak_rss"], "transformers": theirs.close()["peak_rss"]}
   wall = {k: common.summary([r["wall_s"] for r in v]) for k, v in runs.items()}
   cpu = {k: common.summary([r["cpu_s"] for r in v]) for k, v in runs.items()}
   pairs = zip(runs["lora_jax"], runs["transformers"])
@@ -256,8 +275,9 @@ def main() -> None:
         static_decode_steps=static_steps,
         prompt_tokens=[len(r["prompt"]) for r in reqs[:: a.seeds]],
       ),
-      ours_setup=ours.setup,
-      theirs_setup=theirs.setup,
+      ours_setup=ours_setup,
+      theirs_setup=theirs_setup,
+      source=f"log of an interrupted run: {a.from_log}" if a.from_log else "this run",
       wall_s=wall,
       cpu_s=cpu,
       ratio_theirs_over_ours=ratio,
@@ -274,7 +294,7 @@ def main() -> None:
     f"eval workload: {len(reqs)} sampled answers (T {TEMPERATURE}, top_p {TOP_P}), "
     f"{sum(lengths)} tokens, Qwen2.5-0.5B shape with {a.layers} layers, float32; wall s median "
     f"(min-max) of {a.repeats} alternating repeats",
-    ["lora_jax (continuous)", f"transformers ({theirs.setup['setting']})", "speed-up", "target"],
+    ["lora_jax (continuous)", f"transformers ({theirs_setup['setting']})", "speed-up", "target"],
     [
       [
         common.fmt(wall["lora_jax"]),
