@@ -5,13 +5,13 @@ Qwen2.5-0.5B-shaped float32 checkpoint, from a cache of S slots filled with rand
 (no prefill), every row at position S - steps - 1 (a live row fills the cache, as the engine's
 cache-length buckets keep it). Per cache length and batch, alternating:
   whole    attention over the whole cache in one piece (the path before blocked decoding);
-  blocked  `attention.decode_attention`, `DECODE_BLOCK` slots at a time, as the sampler runs it
-           for caches longer than `DECODE_WHOLE_UP_TO` (shorter caches take the whole path in
-           both columns, so their ratio is noise).
+  blocked  `attention.decode_attention`, `DECODE_BLOCK` slots at a time, forced on at every
+           length (the sampler uses it for caches longer than `DECODE_WHOLE_UP_TO`, a threshold
+           these figures chose).
 Reports the median seconds per decode step of --repeats runs of --steps steps each and the
 ratio whole / blocked (> 1: blocked is faster).
 
-  python benchmarks/decode_attention.py [--lengths 384,1536,4096,8192] [--batches 1,8] [--out FILE]
+  python benchmarks/decode_attention.py [--lengths 1536,4096] [--batches 1,8] [--out FILE]
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def decode_seconds(model, layers, batch: int, length: int, steps: int, whole: bo
   from lora_jax import attention
   from lora_jax.sampling import steps as compiled
 
-  limit = 1 << 30 if whole else attention.DECODE_WHOLE_UP_TO
+  limit = 1 << 30 if whole else 0
   saved = attention.DECODE_WHOLE_UP_TO
   attention.DECODE_WHOLE_UP_TO = limit
   try:
@@ -101,7 +101,7 @@ def main() -> None:
   p.add_argument(
     "--ckpt_dir", default=os.path.join(tempfile.gettempdir(), "lora_jax_bench_qwen05b")
   )
-  p.add_argument("--lengths", default="384,1536,4096,8192")
+  p.add_argument("--lengths", default="1536,4096")
   p.add_argument("--batches", default="1,8")
   p.add_argument("--steps", type=int, default=16)
   p.add_argument("--repeats", type=int, default=3)

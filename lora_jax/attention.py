@@ -10,10 +10,9 @@
 
 `self_attend` makes `decoder_layer`'s attend function for training (keys are the queries' own
 tokens) and `cache_attend` the sampler's (queries attend to a KV cache whose slot is the
-position). Decoding one token per row
-over a long cache uses `decode_attention`, which visits the cache `DECODE_BLOCK` slots at a time
-with an online softmax: it never holds more than one block of scores and stops at the block of
-the longest row's last slot, on every backend.
+position). Decoding one token per row over a long cache uses `decode_attention`, which visits the
+cache `DECODE_BLOCK` slots at a time with an online softmax: it never holds more than one block
+of scores and stops at the block of the longest row's last slot, on every backend.
 
 Masks. `allowed [B, T, S]` says which keys a query sees. A query that sees no key (a pad token)
 gets a finite output on every path, so no NaN reaches the gradients: the plain path's mask value
@@ -38,9 +37,9 @@ log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 DECODE_BLOCK = 512  # cache slots per block of `decode_attention`
-# Caches up to this many slots are attended in one piece when decoding: as fast as blocks on CPU
-# there (measured, 0.5B heads, batch 1 and 8), and their scores are small.
-DECODE_WHOLE_UP_TO = 1024
+# Caches up to this many slots are attended in one piece when decoding: blocks were no faster on
+# CPU there (benchmarks/decode_attention.py, 0.5B, batch 1 and 8), and their scores are small.
+DECODE_WHOLE_UP_TO = 2048
 # Finite, so that a query with no key to attend to (a pad row) stays NaN-free.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _SPLASH_BLOCKS = (512, 256, 128)  # splash tile sizes tried, largest first; sequences pad to 128
