@@ -32,12 +32,17 @@ import ast
 import functools
 import io
 import re
+import threading
 import tokenize
 import warnings
 
 THINK_END = "</think>"
 # How ast numbers lines (universal newlines), to turn its (line, column) into byte offsets.
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+# One extraction at a time: CPython 3.11's ast constructors keep a recursion counter that threads
+# share ("SystemError: AST constructor recursion depth mismatch" when two threads parse), and
+# warnings.catch_warnings is process-wide. Extraction is pure Python under the GIL: no loss.
+_ONE_AT_A_TIME = threading.Lock()
 
 
 def extract_code(answer: str, entry_point: str | None = None, prompt: str | None = None) -> str:
@@ -46,6 +51,11 @@ def extract_code(answer: str, entry_point: str | None = None, prompt: str | None
   raises; "" for a non-string answer."""
   if not isinstance(answer, str):
     return ""
+  with _ONE_AT_A_TIME:
+    return _extract(answer, entry_point, prompt)
+
+
+def _extract(answer: str, entry_point: str | None, prompt: str | None) -> str:
   try:
     text = answer.rsplit(THINK_END, 1)[-1]
     code = sanitize(text, entry_point)

@@ -392,8 +392,8 @@ def test_code_benchmarks_delegate(tmp_path, monkeypatch):
     seen["load"] = (benchmark, path)
     return problems
 
-  def grade_code(benchmark, probs, generations, workers=2):
-    seen["grade"] = (benchmark, len(probs), len(generations), workers)
+  def grade_code(benchmark, probs, generations, workers=2, isolation="auto"):
+    seen["grade"] = (benchmark, len(probs), len(generations), workers, isolation)
     return [
       {"task_id": g["task_id"], "passed": "return 1" in g["completion"], "reason": "ok"}
       for g in generations
@@ -420,7 +420,10 @@ def test_code_benchmarks_delegate(tmp_path, monkeypatch):
   scores = external.grade_only(
     "humaneval_plus", str(gens), str(tmp_path / "s.json"), data_path="he.jsonl.gz", code_workers=1
   )
-  assert seen == {"load": ("humaneval_plus", "he.jsonl.gz"), "grade": ("humaneval_plus", 2, 2, 1)}
+  assert seen == {
+    "load": ("humaneval_plus", "he.jsonl.gz"),
+    "grade": ("humaneval_plus", 2, 2, 1, "auto"),
+  }
   result = scores["benchmarks"]["humaneval_plus"]
   assert result["pass@1"]["mean"] == 0.5 and result["n_no_answer"] == 0
   assert benchmarks.build_prompt("humaneval_plus", problems["HumanEval/1"], 0) == "def g():\n"
