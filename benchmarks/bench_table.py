@@ -187,7 +187,7 @@ def remat_row(d: dict) -> list[str]:
 PARTS = {
   "train_epoch.json": ("train_epoch_full.json",),
   "train.json": ("train_full.json",),
-  "ab_refactor.json": ("ab_refactor_train.json",),
+  "ab_refactor.json": ("ab_refactor_train.json", "ab_refactor_train_full.json"),
 }
 ROWS = [
   ("train_epoch.json", train_epoch_row),
