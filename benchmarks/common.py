@@ -17,6 +17,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 THREADS = int(os.environ.get("BENCH_THREADS") or len(os.sched_getaffinity(0)))
@@ -50,6 +51,13 @@ QWEN25_05B = dict(
   eos_token_id=151643,
   bos_token_id=151643,
 )
+
+
+def layers_checkpoint(ckpt_dir: str | None, layers: int) -> str:
+  """`ckpt_dir`, or a temp dir named by the layer count, holding a Qwen2.5-0.5B-shaped random
+  checkpoint cut to `layers` decoder layers (written once, shared by the benchmarks)."""
+  path = ckpt_dir or os.path.join(tempfile.gettempdir(), f"lora_jax_bench_qwen05b_{layers}l")
+  return write_checkpoint_if_missing(path, num_layers=layers)
 
 
 def write_checkpoint_if_missing(path: str, dtype=np.float32, seed: int = 0, **overrides) -> str:

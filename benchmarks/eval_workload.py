@@ -227,10 +227,7 @@ def main() -> None:
     return jax_worker(a) if a.side == "jax" else torch_worker(a)
 
   before = common.machine()
-  a.ckpt_dir = a.ckpt_dir or os.path.join(
-    tempfile.gettempdir(), f"lora_jax_bench_qwen05b_{a.layers}l"
-  )
-  common.write_checkpoint_if_missing(a.ckpt_dir, num_layers=a.layers)
+  a.ckpt_dir = common.layers_checkpoint(a.ckpt_dir, a.layers)
   reqs = make_requests(a)
   a.requests_file = a.requests_file or os.path.join(tempfile.gettempdir(), "bench_eval_reqs.json")
   with open(a.requests_file, "w") as f:

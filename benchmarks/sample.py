@@ -29,7 +29,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.environ.get("BENCH_LIB", os.path.dirname(HERE)))
 import common  # noqa: E402  (pins thread counts before jax/torch load)
 import numpy as np  # noqa: E402
-from common import print_table, write_checkpoint_if_missing, write_json  # noqa: E402
+from common import print_table, write_json  # noqa: E402
 
 PROMPT_LEN = 128
 
@@ -191,10 +191,7 @@ def main() -> None:
 
   before = common.machine()
   common.torch_threads()
-  a.ckpt_dir = a.ckpt_dir or os.path.join(
-    tempfile.gettempdir(), f"lora_jax_bench_qwen05b_{a.layers}l"
-  )
-  write_checkpoint_if_missing(a.ckpt_dir, num_layers=a.layers)
+  a.ckpt_dir = common.layers_checkpoint(a.ckpt_dir, a.layers)
   model = lora_jax.load_pretrained(a.ckpt_dir, dtype="float32")
   hf = transformers.AutoModelForCausalLM.from_pretrained(a.ckpt_dir, dtype=torch.float32).eval()
   rng = np.random.RandomState(0)

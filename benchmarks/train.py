@@ -208,10 +208,7 @@ def main() -> None:
   from lora_jax.metrics_log import flops_per_token
 
   before = common.machine()
-  a.ckpt_dir = a.ckpt_dir or os.path.join(
-    tempfile.gettempdir(), f"lora_jax_bench_qwen05b_{a.layers}l"
-  )
-  common.write_checkpoint_if_missing(a.ckpt_dir, num_layers=a.layers)
+  a.ckpt_dir = common.layers_checkpoint(a.ckpt_dir, a.layers)
   cfg = ModelConfig.from_file(os.path.join(a.ckpt_dir, "config.json"))
   peak = common.matmul_peak(common.model_matmul_shapes(cfg, a.batch * a.seq))
   results = {}

@@ -328,10 +328,7 @@ def main() -> None:
   from lora_jax.config import ModelConfig
 
   before = common.machine()
-  a.ckpt_dir = a.ckpt_dir or os.path.join(
-    tempfile.gettempdir(), f"lora_jax_bench_qwen05b_{a.layers}l"
-  )
-  common.write_checkpoint_if_missing(a.ckpt_dir, num_layers=a.layers)
+  a.ckpt_dir = common.layers_checkpoint(a.ckpt_dir, a.layers)
   a.rows_file = a.rows_file or os.path.join(tempfile.gettempdir(), "lora_jax_bench_star1.json")
   rows_info = prepare_rows(a.rows, a.seed, a.rows_file)
   cfg = ModelConfig.from_file(os.path.join(a.ckpt_dir, "config.json"))
